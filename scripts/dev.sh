@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Starts a development setup: a local redis-server on 127.0.0.1:6379 (unless
+# one is already answering there) and redcloak in front of it on port 6380
+# with config/dev.toml. Stop with Ctrl-C.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+mkdir -p run
+
+if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+  redis-server --port 6379 --bind 127.0.0.1 --daemonize yes \
+    --dir "$PWD/run" --logfile "$PWD/run/redis.log" --pidfile "$PWD/run/redis.pid"
+  for _ in $(seq 50); do
+    redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  echo "started redis-server on 127.0.0.1:6379 (stop it with: redis-cli -p 6379 shutdown nosave)"
+fi
+
+cargo build --release
+cat <<'TXT'
+
+redcloak is starting on 127.0.0.1:6380. Connect with, for example:
+
+  redis-cli -p 6380 --user alice --pass alice-dev-password
+  redis-cli -p 6380 --user bob --pass bob-dev-password      (another project)
+
+TXT
+exec target/release/redcloak serve --config config/dev.toml

@@ -1,0 +1,212 @@
+//! The `redcloak` command line: `serve`, `check-config`, `hash-password`.
+//!
+//! Everything here is start-up and signal plumbing; the proxy itself lives in
+//! the library. Errors end the process with one line on standard error and
+//! a non-zero exit code.
+
+use std::collections::HashMap;
+use std::io::{BufRead, IsTerminal};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio::net::TcpListener;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use redcloak::auth::{self, Authenticator};
+use redcloak::config::{self, Settings};
+use redcloak::session::{SessionLimits, Shared};
+use redcloak::upstream::Connector;
+use redcloak::{listener, shutdown};
+
+#[derive(Parser)]
+#[command(
+    name = "redcloak",
+    version,
+    about = "A Redis proxy that isolates projects and seals values"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Serve {
+        /// The TOML configuration file.
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Log line format on standard error (levels by RUST_LOG).
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
+    /// Validate a configuration, print its security level and warnings.
+    CheckConfig {
+        /// The TOML configuration file.
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Read a password (one line) from standard input and print its hash.
+    HashPassword {
+        /// PBKDF2 iterations; lower only for tests.
+        #[arg(long, default_value_t = auth::DEFAULT_ITERATIONS)]
+        iterations: u32,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Serve { config, log_format } => serve(&config, log_format),
+        Command::CheckConfig { config } => check_config(&config),
+        Command::HashPassword { iterations } => hash_password(iterations),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("redcloak: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn environment() -> HashMap<String, String> {
+    config::process_env()
+}
+
+fn load(path: &Path) -> anyhow::Result<Settings> {
+    Ok(config::load(path, &environment())?)
+}
+
+fn check_config(path: &Path) -> anyhow::Result<()> {
+    let settings = load(path)?;
+    Authenticator::new(&settings.users, 1)?;
+    println!("configuration ok: {}", path.display());
+    println!("security level: {}", settings.security_level());
+    for warning in settings.warnings() {
+        println!("warning: {warning}");
+    }
+    Ok(())
+}
+
+fn hash_password(iterations: u32) -> anyhow::Result<()> {
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .context("reading the password from standard input")?;
+    println!("{}", auth::hash_password_line(&line, iterations)?);
+    Ok(())
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn serve(path: &Path, log_format: LogFormat) -> anyhow::Result<()> {
+    init_logging(log_format);
+    let settings = load(path)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run(path.to_path_buf(), settings))
+}
+
+async fn run(path: PathBuf, settings: Settings) -> anyhow::Result<()> {
+    info!(
+        listen = %settings.server.listen,
+        upstream = %settings.upstream.address,
+        users = settings.users.len(),
+        security_level = %settings.security_level(),
+        "starting redcloak"
+    );
+    for warning in settings.warnings() {
+        warn!("{warning}");
+    }
+
+    let auth = Authenticator::new(&settings.users, auth::default_verification_concurrency())?;
+    let limits = SessionLimits {
+        max_request_bytes: settings.server.max_request_bytes,
+        idle_timeout: (settings.server.idle_timeout_secs > 0)
+            .then(|| Duration::from_secs(settings.server.idle_timeout_secs)),
+        project_isolation: settings.server.project_isolation,
+    };
+    let shared = Arc::new(Shared::new(
+        auth,
+        Connector::new(&settings.upstream),
+        limits,
+    ));
+
+    let socket = TcpListener::bind(&settings.server.listen)
+        .await
+        .with_context(|| format!("listening on {}", settings.server.listen))?;
+    info!(addr = %socket.local_addr()?, "listening");
+
+    let (trigger, shutdown) = shutdown::channel();
+    let signals = tokio::spawn(watch_signals(path, Arc::clone(&shared), trigger));
+    listener::serve(
+        socket,
+        shared,
+        settings.server.max_connections,
+        shutdown,
+        Duration::from_secs(settings.server.shutdown_timeout_secs),
+    )
+    .await;
+    signals.abort();
+    info!("shutdown finished");
+    Ok(())
+}
+
+/// SIGTERM and SIGINT announce shutdown; SIGHUP reloads the users.
+async fn watch_signals(path: PathBuf, shared: Arc<Shared>, trigger: shutdown::Trigger) {
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        error!("installing signal handlers failed; stop the proxy with SIGKILL");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => reload(&path, &shared),
+        }
+    }
+    info!("shutdown signal received");
+    trigger.fire();
+}
+
+/// Re-reads the configuration and swaps in its users. A broken file leaves
+/// the running set untouched.
+fn reload(path: &Path, shared: &Shared) {
+    let outcome = load(path).and_then(|settings| Ok(shared.auth.reload(&settings.users)?));
+    match outcome {
+        Ok(()) => info!("configuration reloaded"),
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "reload failed; keeping the running configuration")
+        }
+    }
+}

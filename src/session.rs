@@ -1,0 +1,807 @@
+//! One client's life in the proxy: authentication, protocol version, and
+//! the FIFO of plans that pairs every reply with its request.
+//!
+//! A session reads whatever requests the client has sent, answers the ones
+//! the proxy handles itself, and writes the rest, rewritten, to its upstream
+//! link in one batch. Replies are matched to the plan at the head of the
+//! FIFO, transformed by it, and written back in request order. Reading from
+//! either side pauses while the output towards the other side is full, so a
+//! client that never reads can't make the proxy buffer without limit.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::time::Instant;
+use tracing::{Instrument, debug, field};
+
+use crate::auth::{Authenticator, Identity};
+use crate::command::{self, Access, Handling, Local};
+use crate::frame::{self, Limits, ProtocolError, ReplyWriter, Scanner};
+use crate::namespace::Namespace;
+use crate::plan::{self, Plan};
+use crate::shutdown::Shutdown;
+use crate::upstream::{BoxStream, Connector, UpstreamError};
+
+/// Output waiting for a slow reader, per direction, before the session stops
+/// reading more requests (backpressure rather than unbounded buffering).
+const OUTPUT_HIGH_WATER: usize = 4 * 1024 * 1024;
+
+/// Requests in flight upstream before the session stops reading more.
+const MAX_IN_FLIGHT: usize = 64 * 1024;
+
+/// What every session shares.
+pub struct Shared {
+    pub auth: Authenticator,
+    pub upstream: Connector,
+    pub limits: SessionLimits,
+    next_client_id: AtomicU64,
+}
+
+/// Per-session limits taken from the configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionLimits {
+    pub max_request_bytes: usize,
+    /// `None` disables the idle timeout.
+    pub idle_timeout: Option<Duration>,
+    pub project_isolation: bool,
+}
+
+impl Shared {
+    pub fn new(auth: Authenticator, upstream: Connector, limits: SessionLimits) -> Shared {
+        Shared {
+            auth,
+            upstream,
+            limits,
+            next_client_id: AtomicU64::new(1),
+        }
+    }
+}
+
+/// A reply the client is owed, in request order.
+enum Pending {
+    /// Sent upstream; the reply will be transformed by the plan.
+    Upstream { plan: Plan, deliver: bool },
+    /// A forwarded `HELLO`: from its reply on, the link speaks `resp3`.
+    Hello { resp3: bool, deliver: bool },
+    /// Sent upstream by the proxy for its own sake; the reply is checked
+    /// for errors and dropped.
+    Internal,
+    /// Made by the proxy; waiting only for earlier replies to go first.
+    Ready(Bytes),
+}
+
+/// The reading side of the session's dedicated upstream link. The writing
+/// side is a separate field so both can be awaited at once.
+struct Link {
+    reader: ReadHalf<BoxStream>,
+    input: BytesMut,
+    scanner: Scanner,
+    /// Whether the link speaks RESP3 (after a forwarded `HELLO 3`).
+    resp3: bool,
+}
+
+/// Why a session ends early.
+#[derive(Debug, thiserror::Error)]
+enum Fault {
+    #[error("client protocol error: {0}")]
+    Client(#[from] ProtocolError),
+    #[error("client I/O: {0}")]
+    ClientIo(std::io::Error),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+/// `CLIENT REPLY` modes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ReplyMode {
+    On,
+    Off,
+    SkipNext,
+}
+
+struct Session {
+    id: u64,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    identity: Option<Identity>,
+    namespace: Arc<Namespace>,
+    writer: ReplyWriter,
+    name: Option<Bytes>,
+    reply_mode: ReplyMode,
+    pending: VecDeque<Pending>,
+    client_out: BytesMut,
+    up_out: BytesMut,
+    link: Option<Link>,
+    link_writer: Option<WriteHalf<BoxStream>>,
+    /// Stop reading requests; close once every owed reply is written.
+    closing: bool,
+    key_scratch: Vec<usize>,
+}
+
+/// Runs one client session to its end.
+pub async fn run(stream: BoxStream, peer: SocketAddr, shared: Arc<Shared>, shutdown: Shutdown) {
+    let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::debug_span!(
+        "session",
+        conn_id = id,
+        client.addr = %peer,
+        project = field::Empty,
+        user = field::Empty,
+    );
+    async move {
+        debug!("connection opened");
+        let mut session = Session::new(id, peer, shared);
+        match session.serve(stream, shutdown).await {
+            Ok(()) => debug!("connection closed"),
+            Err(e) => debug!(error = %e, "connection closed"),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+impl Session {
+    fn new(id: u64, peer: SocketAddr, shared: Arc<Shared>) -> Session {
+        Session {
+            id,
+            peer,
+            shared,
+            identity: None,
+            namespace: Arc::new(Namespace::shared()),
+            writer: ReplyWriter { resp3: false },
+            name: None,
+            reply_mode: ReplyMode::On,
+            pending: VecDeque::new(),
+            client_out: BytesMut::with_capacity(16 * 1024),
+            up_out: BytesMut::new(),
+            link: None,
+            link_writer: None,
+            closing: false,
+            key_scratch: Vec::new(),
+        }
+    }
+
+    async fn serve(&mut self, stream: BoxStream, mut shutdown: Shutdown) -> Result<(), Fault> {
+        let (mut client_rd, mut client_wr) = tokio::io::split(stream);
+        let mut client_in = BytesMut::with_capacity(16 * 1024);
+        let mut scanner = Scanner::for_requests();
+        let idle = self.shared.limits.idle_timeout;
+        let idle_timer = tokio::time::sleep(idle.unwrap_or(Duration::MAX / 4));
+        tokio::pin!(idle_timer);
+
+        let result = loop {
+            if self.closing && self.pending.is_empty() && self.client_out.is_empty() {
+                break Ok(());
+            }
+            let read_client = !self.closing
+                && self.client_out.len() < OUTPUT_HIGH_WATER
+                && self.up_out.len() < OUTPUT_HIGH_WATER
+                && self.pending.len() < MAX_IN_FLIGHT;
+            let read_upstream = self.link.is_some() && self.client_out.len() < OUTPUT_HIGH_WATER;
+            let idle_armed = idle.is_some() && self.pending.is_empty() && !self.closing;
+
+            tokio::select! {
+                read = client_rd.read_buf(&mut client_in), if read_client => {
+                    match read {
+                        Ok(0) => break Ok(()),
+                        Ok(_) => {}
+                        Err(e) => break Err(Fault::ClientIo(e)),
+                    }
+                    if let Some(timeout) = idle {
+                        idle_timer.as_mut().reset(Instant::now() + timeout);
+                    }
+                    if let Err(e) = self.take_requests(&mut client_in, &mut scanner).await {
+                        // Redis answers a protocol error, then closes once
+                        // the replies owed before it are written.
+                        debug!(error = %e, "client protocol error");
+                        self.reply_local(|w, out| w.error(out, &e.to_string()));
+                        self.closing = true;
+                    }
+                }
+                read = read_link(&mut self.link), if read_upstream => {
+                    match read {
+                        Ok(0) => self.upstream_lost(&Fault::Upstream(UpstreamError::Closed)),
+                        Ok(_) => {
+                            if let Err(fault) = self.take_replies() {
+                                self.upstream_lost(&fault);
+                            }
+                        }
+                        Err(e) => self.upstream_lost(&Fault::Upstream(UpstreamError::Io(e))),
+                    }
+                }
+                written = client_wr.write_buf(&mut self.client_out), if !self.client_out.is_empty() => {
+                    if let Err(e) = written {
+                        break Err(Fault::ClientIo(e));
+                    }
+                    if self.client_out.is_empty() {
+                        if let Err(e) = client_wr.flush().await {
+                            break Err(Fault::ClientIo(e));
+                        }
+                    }
+                }
+                written = write_link(&mut self.link_writer, &mut self.up_out), if !self.up_out.is_empty() => {
+                    if let Err(e) = written {
+                        self.upstream_lost(&Fault::Upstream(UpstreamError::Io(e)));
+                    }
+                }
+                _ = &mut idle_timer, if idle_armed => {
+                    debug!("idle timeout");
+                    break Ok(());
+                }
+                _ = shutdown.announced(), if !self.closing => {
+                    self.closing = true;
+                }
+            }
+        };
+
+        let _ = client_wr.shutdown().await;
+        result
+    }
+
+    /// Handles every complete request in `input`, in order.
+    async fn take_requests(
+        &mut self,
+        input: &mut BytesMut,
+        scanner: &mut Scanner,
+    ) -> Result<(), ProtocolError> {
+        while !self.closing {
+            let limits = Limits::request(
+                self.shared.limits.max_request_bytes,
+                self.identity.is_some(),
+            );
+            let Some(args) = frame::next_request(input, scanner, &limits)? else {
+                break;
+            };
+            if args.is_empty() {
+                continue;
+            }
+            self.handle(args).await;
+        }
+        Ok(())
+    }
+
+    /// Handles one request: authentication gate, table lookup, permission,
+    /// then local handling or forwarding.
+    async fn handle(&mut self, args: Vec<Bytes>) {
+        let spec = if self.identity.is_none() {
+            match command::lookup(&args) {
+                Ok(spec) if is_pre_auth(spec.handling) => spec,
+                _ => {
+                    self.reply_local(|w, out| w.error(out, "NOAUTH Authentication required."));
+                    return;
+                }
+            }
+        } else {
+            match command::lookup(&args) {
+                Ok(spec) => spec,
+                Err(e) => {
+                    let text = e.to_string();
+                    self.reply_local(|w, out| w.error(out, &text));
+                    return;
+                }
+            }
+        };
+
+        if let Some(denied) = self.permission_error(spec) {
+            self.reply_local(|w, out| w.error(out, &denied));
+            return;
+        }
+
+        match spec.handling {
+            Handling::Refuse(reason) => {
+                let text = format!(
+                    "ERR '{}' is not available through redcloak: {reason}",
+                    display_name(&args)
+                );
+                self.reply_local(|w, out| w.error(out, &text));
+            }
+            Handling::Local(local) => self.handle_local(local, &args).await,
+            Handling::Forward => {
+                if spec.name == "copy" && args.iter().skip(3).any(|a| a.eq_ignore_ascii_case(b"DB"))
+                {
+                    self.reply_local(|w, out| {
+                        w.error(out, "ERR 'copy' with DB is not available through redcloak: reaches outside the project")
+                    });
+                    return;
+                }
+                if !self.ensure_link().await {
+                    return;
+                }
+                let plan = plan::rewrite(
+                    spec,
+                    &args,
+                    &self.namespace,
+                    &mut self.up_out,
+                    &mut self.key_scratch,
+                );
+                let deliver = self.take_delivery();
+                self.pending.push_back(Pending::Upstream { plan, deliver });
+            }
+        }
+    }
+
+    /// The NOPERM reply for a user whose permission doesn't cover `spec`.
+    fn permission_error(&self, spec: &command::CommandSpec) -> Option<String> {
+        let identity = self.identity.as_ref()?;
+        let allowed = match spec.access {
+            Access::Connection | Access::Read => true,
+            Access::Write => identity.permission.can_write(),
+            Access::Admin => identity.permission.is_admin(),
+        };
+        (!allowed).then(|| {
+            format!(
+                "NOPERM User {} has no permissions to run the '{}' command",
+                identity.user, spec.name
+            )
+        })
+    }
+
+    async fn handle_local(&mut self, local: Local, args: &[Bytes]) {
+        match local {
+            Local::Auth => self.auth(args).await,
+            Local::Hello => self.hello(args).await,
+            Local::Quit => {
+                self.reply_local(|w, out| w.simple(out, "OK"));
+                self.closing = true;
+            }
+            Local::Reset => self.reset().await,
+            Local::Select => {
+                let reply = match args.get(1).map(|a| a.as_ref()) {
+                    Some(b"0") => Ok(()),
+                    Some(n) if std::str::from_utf8(n).is_ok_and(|t| t.parse::<i64>().is_ok()) => {
+                        Err("ERR DB index is out of range")
+                    }
+                    _ => Err("ERR value is not an integer or out of range"),
+                };
+                self.reply_local(|w, out| match reply {
+                    Ok(()) => w.simple(out, "OK"),
+                    Err(text) => w.error(out, text),
+                });
+            }
+            Local::Ping => {
+                let message = args.get(1).cloned();
+                self.reply_local(|w, out| match message {
+                    Some(m) => w.bulk(out, &m),
+                    None => w.simple(out, "PONG"),
+                });
+            }
+            Local::Echo => {
+                let message = args.get(1).cloned().unwrap_or_default();
+                self.reply_local(|w, out| w.bulk(out, &message));
+            }
+            Local::ClientSetName => {
+                let name = args.get(2).cloned().unwrap_or_default();
+                if name.iter().any(|&b| !(b'!'..=b'~').contains(&b)) {
+                    self.reply_local(|w, out| {
+                        w.error(out, "ERR Client names cannot contain spaces, newlines or special characters.")
+                    });
+                } else {
+                    self.name = (!name.is_empty()).then_some(name);
+                    self.reply_local(|w, out| w.simple(out, "OK"));
+                }
+            }
+            Local::ClientGetName => {
+                let name = self.name.clone();
+                self.reply_local(|w, out| match name {
+                    Some(n) => w.bulk(out, &n),
+                    None => w.null(out),
+                });
+            }
+            Local::ClientId => {
+                let id = self.id as i64;
+                self.reply_local(|w, out| w.integer(out, id));
+            }
+            Local::ClientSetInfo => {
+                let attribute = args.get(2).map(|a| a.to_ascii_lowercase());
+                let known = matches!(attribute.as_deref(), Some(b"lib-name" | b"lib-ver"));
+                let text = format!(
+                    "ERR Unrecognized option '{}'",
+                    String::from_utf8_lossy(args.get(2).map(|a| a.as_ref()).unwrap_or_default())
+                );
+                self.reply_local(|w, out| {
+                    if known {
+                        w.simple(out, "OK")
+                    } else {
+                        w.error(out, &text)
+                    }
+                });
+            }
+            Local::ClientInfo => {
+                let info = self.client_info();
+                self.reply_local(|w, out| w.verbatim(out, info.as_bytes()));
+            }
+            Local::ClientReply => {
+                let mode = args.get(2).map(|a| a.to_ascii_uppercase());
+                match mode.as_deref() {
+                    Some(b"ON") => {
+                        self.reply_mode = ReplyMode::On;
+                        self.reply_local(|w, out| w.simple(out, "OK"));
+                    }
+                    Some(b"OFF") => self.reply_mode = ReplyMode::Off,
+                    // The SKIP command itself gets no reply either.
+                    Some(b"SKIP") => self.reply_mode = ReplyMode::SkipNext,
+                    _ => self.reply_local(|w, out| w.error(out, "ERR syntax error")),
+                }
+            }
+            // These need upstream state shared with other projects, or
+            // emulations over the project's keys that come with the full
+            // command coverage; until then they are refused plainly.
+            Local::ClientNoEvict
+            | Local::ClientNoTouch
+            | Local::Command
+            | Local::CommandCount
+            | Local::CommandDocs
+            | Local::CommandInfo
+            | Local::CommandList
+            | Local::CommandGetKeys
+            | Local::Info
+            | Local::FlushDb
+            | Local::DbSize
+            | Local::RandomKey => {
+                let text = format!(
+                    "ERR '{}' is not supported by redcloak yet",
+                    display_name(args)
+                );
+                self.reply_local(|w, out| w.error(out, &text));
+            }
+        }
+    }
+
+    /// `AUTH [user] password`.
+    async fn auth(&mut self, args: &[Bytes]) {
+        let (user, password) = match args {
+            [_, password] => (Bytes::from_static(b"default"), password.clone()),
+            [_, user, password] => (user.clone(), password.clone()),
+            _ => {
+                self.reply_local(|w, out| w.error(out, "ERR syntax error"));
+                return;
+            }
+        };
+        if self.authenticate(&user, &password).await {
+            self.reply_local(|w, out| w.simple(out, "OK"));
+        } else {
+            self.reply_local(|w, out| {
+                w.error(
+                    out,
+                    "WRONGPASS invalid username-password pair or user is disabled.",
+                )
+            });
+        }
+    }
+
+    /// Verifies credentials and, on success, moves the session into the
+    /// user's project.
+    async fn authenticate(&mut self, user: &[u8], password: &[u8]) -> bool {
+        let Some(identity) = self.shared.auth.verify(user, password).await else {
+            debug!("authentication failed");
+            return false;
+        };
+        let span = tracing::Span::current();
+        span.record("project", &*identity.project);
+        span.record("user", &*identity.user);
+        debug!("authenticated");
+        self.namespace = Arc::new(if self.shared.limits.project_isolation {
+            Namespace::for_project(&identity.project)
+        } else {
+            Namespace::shared()
+        });
+        self.identity = Some(identity);
+        true
+    }
+
+    /// `HELLO [protover [AUTH user pass] [SETNAME name]]`.
+    async fn hello(&mut self, args: &[Bytes]) {
+        let mut version = None;
+        let mut credentials = None;
+        let mut set_name = None;
+        if let Some(v) = args.get(1) {
+            match v.as_ref() {
+                b"2" => version = Some(false),
+                b"3" => version = Some(true),
+                _ => {
+                    self.reply_local(|w, out| w.error(out, "NOPROTO unsupported protocol version"));
+                    return;
+                }
+            }
+        }
+        let mut i = 2;
+        while i < args.len() {
+            let option = args[i].to_ascii_uppercase();
+            match option.as_slice() {
+                b"AUTH" if i + 2 < args.len() => {
+                    credentials = Some((args[i + 1].clone(), args[i + 2].clone()));
+                    i += 3;
+                }
+                b"SETNAME" if i + 1 < args.len() => {
+                    set_name = Some(args[i + 1].clone());
+                    i += 2;
+                }
+                _ => {
+                    let text = format!(
+                        "ERR Syntax error in HELLO option '{}'",
+                        String::from_utf8_lossy(&args[i])
+                    );
+                    self.reply_local(|w, out| w.error(out, &text));
+                    return;
+                }
+            }
+        }
+
+        if let Some((user, password)) = credentials {
+            if !self.authenticate(&user, &password).await {
+                self.reply_local(|w, out| {
+                    w.error(
+                        out,
+                        "WRONGPASS invalid username-password pair or user is disabled.",
+                    )
+                });
+                return;
+            }
+        }
+        if self.identity.is_none() {
+            self.reply_local(|w, out| {
+                w.error(
+                    out,
+                    "NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time",
+                )
+            });
+            return;
+        }
+        if let Some(name) = set_name {
+            self.name = (!name.is_empty()).then_some(name);
+        }
+
+        // The upstream link switches protocol at exactly this point of its
+        // reply stream, so HELLO travels upstream and its reply (the
+        // server's own description) comes back through the FIFO.
+        let resp3 = version.unwrap_or(self.writer.resp3);
+        if !self.ensure_link().await {
+            return;
+        }
+        self.writer.resp3 = resp3;
+        let proto: &[u8] = if resp3 { b"3" } else { b"2" };
+        frame::put_request(&mut self.up_out, [&b"HELLO"[..], proto].into_iter());
+        let deliver = self.take_delivery();
+        self.pending.push_back(Pending::Hello { resp3, deliver });
+    }
+
+    /// `RESET`: back to an unauthenticated RESP2 session. The upstream link
+    /// is reset too (leaving any transaction or watch behind) and logged in
+    /// again with the proxy's credentials.
+    async fn reset(&mut self) {
+        if self.link.is_some() {
+            frame::put_request(&mut self.up_out, [&b"RESET"[..]].into_iter());
+            self.pending.push_back(Pending::Internal);
+            if let Some(auth) = self.shared.upstream.auth_request() {
+                self.up_out.extend_from_slice(&auth);
+                self.pending.push_back(Pending::Internal);
+            }
+            if let Some(link) = self.link.as_mut() {
+                link.resp3 = false;
+            }
+        }
+        self.identity = None;
+        self.namespace = Arc::new(Namespace::shared());
+        self.writer.resp3 = false;
+        self.name = None;
+        self.reply_mode = ReplyMode::On;
+        self.reply_local(|w, out| w.simple(out, "RESET"));
+    }
+
+    fn client_info(&self) -> String {
+        let name = self
+            .name
+            .as_ref()
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .unwrap_or_default();
+        let user = self
+            .identity
+            .as_ref()
+            .map(|i| i.user.to_string())
+            .unwrap_or_default();
+        format!(
+            "id={} addr={} name={} db=0 user={} resp={}\n",
+            self.id,
+            self.peer,
+            name,
+            user,
+            if self.writer.resp3 { 3 } else { 2 }
+        )
+    }
+
+    /// Connects the upstream link if the session has none yet. On failure
+    /// the request gets an error reply, and the session closes (SPEC: a
+    /// client whose upstream is unreachable is closed; a new connection
+    /// tries again).
+    async fn ensure_link(&mut self) -> bool {
+        if self.link.is_none() {
+            let stream = match self.shared.upstream.connect().await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    debug!(error = %e, "upstream unavailable");
+                    let text = format!("ERR upstream unavailable: {e}");
+                    self.reply_local(|w, out| w.error(out, &text));
+                    self.closing = true;
+                    return false;
+                }
+            };
+            let (reader, writer) = tokio::io::split(stream);
+            self.link_writer = Some(writer);
+            self.link = Some(Link {
+                reader,
+                input: BytesMut::with_capacity(16 * 1024),
+                scanner: Scanner::for_replies(),
+                resp3: false,
+            });
+            debug!("upstream link opened");
+        }
+        true
+    }
+
+    /// Whether the next reply should reach the client, per `CLIENT REPLY`.
+    fn take_delivery(&mut self) -> bool {
+        match self.reply_mode {
+            ReplyMode::On => true,
+            ReplyMode::Off => false,
+            ReplyMode::SkipNext => {
+                self.reply_mode = ReplyMode::On;
+                false
+            }
+        }
+    }
+
+    /// Queues a reply the proxy makes itself, behind any owed upstream
+    /// replies so that order is kept.
+    fn reply_local(&mut self, write: impl FnOnce(&ReplyWriter, &mut BytesMut)) {
+        if !self.take_delivery() {
+            return;
+        }
+        if self.pending.is_empty() {
+            write(&self.writer, &mut self.client_out);
+        } else {
+            let mut reply = BytesMut::new();
+            write(&self.writer, &mut reply);
+            self.pending.push_back(Pending::Ready(reply.freeze()));
+        }
+    }
+
+    /// Matches every complete upstream reply with the plan at the head of
+    /// the FIFO, and moves ready replies out behind it.
+    fn take_replies(&mut self) -> Result<(), Fault> {
+        let Some(link) = self.link.as_mut() else {
+            return Ok(());
+        };
+        let limits = Limits::reply(self.shared.limits.max_request_bytes.saturating_mul(2));
+        while let Some(len) = link.scanner.measure(&link.input, &limits)? {
+            let raw = link.input.split_to(len).freeze();
+
+            // Push frames belong to no request; nothing the proxy allows
+            // today subscribes, so one can only be stray and is dropped.
+            if raw.first() == Some(&b'>') {
+                debug!("dropped a push frame");
+                continue;
+            }
+
+            match self.pending.pop_front() {
+                Some(Pending::Upstream { plan, deliver }) => {
+                    if deliver {
+                        plan::transform_reply(&plan, raw, link.resp3, &mut self.client_out)?;
+                    }
+                }
+                Some(Pending::Hello { resp3, deliver }) => {
+                    if raw.first() != Some(&b'-') {
+                        link.resp3 = resp3;
+                    }
+                    if deliver {
+                        self.client_out.extend_from_slice(&raw);
+                    }
+                }
+                Some(Pending::Internal) => {
+                    if raw.first() == Some(&b'-') {
+                        return Err(Fault::Upstream(UpstreamError::AuthRefused));
+                    }
+                }
+                Some(Pending::Ready(_)) | None => {
+                    return Err(Fault::Upstream(UpstreamError::Protocol(
+                        ProtocolError::Decode(
+                            "a reply arrived that no request was waiting for".into(),
+                        ),
+                    )));
+                }
+            }
+            while let Some(Pending::Ready(_)) = self.pending.front() {
+                if let Some(Pending::Ready(reply)) = self.pending.pop_front() {
+                    self.client_out.extend_from_slice(&reply);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The upstream is gone: every request in flight gets an error reply,
+    /// in order, and the client is closed once they are written.
+    fn upstream_lost(&mut self, fault: &Fault) {
+        debug!(error = %fault, in_flight = self.pending.len(), "upstream link lost");
+        self.link = None;
+        self.link_writer = None;
+        self.up_out.clear();
+        for entry in std::mem::take(&mut self.pending) {
+            match entry {
+                Pending::Upstream { deliver: true, .. } | Pending::Hello { deliver: true, .. } => {
+                    self.writer
+                        .error(&mut self.client_out, "ERR upstream connection lost")
+                }
+                Pending::Ready(reply) => self.client_out.extend_from_slice(&reply),
+                Pending::Upstream { .. } | Pending::Hello { .. } | Pending::Internal => {}
+            }
+        }
+        self.closing = true;
+    }
+}
+
+/// Commands answered before authentication (SPEC: AUTH, HELLO, QUIT, RESET).
+fn is_pre_auth(handling: Handling) -> bool {
+    matches!(
+        handling,
+        Handling::Local(Local::Auth | Local::Hello | Local::Quit | Local::Reset)
+    )
+}
+
+/// The command's name as the client wrote it, lowercased, for error texts.
+fn display_name(args: &[Bytes]) -> String {
+    let name = args.first().map(|a| a.as_ref()).unwrap_or_default();
+    let mut text = String::from_utf8_lossy(name).to_lowercase();
+    if let Some(sub) = args.get(1).filter(|_| {
+        matches!(
+            text.as_str(),
+            "client"
+                | "command"
+                | "object"
+                | "config"
+                | "cluster"
+                | "script"
+                | "function"
+                | "acl"
+                | "memory"
+                | "pubsub"
+                | "xinfo"
+                | "xgroup"
+                | "module"
+                | "slowlog"
+                | "latency"
+        )
+    }) {
+        text.push('|');
+        text.push_str(&String::from_utf8_lossy(sub).to_lowercase());
+    }
+    text.truncate(128);
+    text
+}
+
+async fn read_link(link: &mut Option<Link>) -> std::io::Result<usize> {
+    match link {
+        Some(link) => link.reader.read_buf(&mut link.input).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn write_link(
+    writer: &mut Option<WriteHalf<BoxStream>>,
+    out: &mut BytesMut,
+) -> std::io::Result<usize> {
+    match writer {
+        Some(writer) => {
+            let n = writer.write_buf(out).await?;
+            if out.is_empty() {
+                writer.flush().await?;
+            }
+            Ok(n)
+        }
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,411 @@
+//! Test harness: a real `redis-server` on a free loopback port, the real
+//! `redcloak` binary in front of it, and a small raw RESP client for checks
+//! on exact bytes.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use redcloak::frame::{Limits, Scanner};
+
+/// PBKDF2 iterations for test users: the hash string carries the count, so
+/// tests stay fast without changing the proxy.
+pub const TEST_ITERATIONS: u32 = 1000;
+
+/// A free loopback port (bound and released; the caller binds it soon).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding an ephemeral loopback port")
+}
+
+/// A `redis-server` child process, killed on drop.
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        for _ in 0..20 {
+            let mut redis = Redis {
+                child: None,
+                port: free_port(),
+                dir: tempfile::tempdir().expect("temporary directory"),
+            };
+            if redis.spawn() {
+                return redis;
+            }
+            redis.kill();
+        }
+        panic!("could not start redis-server on a free port");
+    }
+
+    /// Starts the server process on `self.port`; false if it didn't come up.
+    fn spawn(&mut self) -> bool {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "redis-server must be installed (CI installs it: apt-get install redis-server)",
+            );
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
+                if s.write_all(b"PING\r\n").is_ok() {
+                    let mut buf = [0u8; 7];
+                    if s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n" {
+                        return true;
+                    }
+                }
+            }
+            if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same port after `kill`.
+    pub fn restart(&mut self) {
+        self.kill();
+        assert!(self.spawn(), "redis-server did not restart");
+    }
+
+    /// A raw client straight to the upstream, bypassing the proxy.
+    pub fn direct(&self) -> Raw {
+        Raw::connect(self.port)
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// One configured test user.
+pub struct User {
+    pub name: &'static str,
+    pub password: &'static str,
+    pub project: &'static str,
+    pub access: &'static str,
+}
+
+pub const ALICE: User = User {
+    name: "alice",
+    password: "alice-pw",
+    project: "billing",
+    access: "readwrite",
+};
+pub const BOB: User = User {
+    name: "bob",
+    password: "bob-pw",
+    project: "shipping",
+    access: "readwrite",
+};
+pub const READER: User = User {
+    name: "reader",
+    password: "reader-pw",
+    project: "billing",
+    access: "read",
+};
+pub const DEFAULT: User = User {
+    name: "default",
+    password: "default-pw",
+    project: "billing",
+    access: "readwrite",
+};
+pub const ADMIN: User = User {
+    name: "boss",
+    password: "boss-pw",
+    project: "billing",
+    access: "admin",
+};
+
+/// The usual cast: two projects, a reader, an admin and a `default` user.
+pub const USERS: &[User] = &[ALICE, BOB, READER, DEFAULT, ADMIN];
+
+/// The `redcloak` binary running `serve`, killed on drop.
+pub struct Proxy {
+    child: Option<Child>,
+    pub port: u16,
+    pub config: PathBuf,
+    pub stderr: mpsc::Receiver<String>,
+    _dir: tempfile::TempDir,
+}
+
+/// The TOML of a test configuration in front of `redis_port`.
+pub fn config_toml(redis_port: u16, users: &[User], extra: &str) -> String {
+    let mut toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n{extra}\n\
+         [upstream]\naddress = \"127.0.0.1:{redis_port}\"\nconnect_timeout_ms = 1000\n\
+         [encryption]\nenabled = false\n\
+         [audit]\nenabled = false\n"
+    );
+    for user in users {
+        let hash = redcloak::auth::PasswordHash::create(user.password.as_bytes(), TEST_ITERATIONS);
+        toml.push_str(&format!(
+            "[[users]]\nname = \"{}\"\npassword_hash = \"{hash}\"\nproject = \"{}\"\naccess = \"{}\"\n",
+            user.name, user.project, user.access
+        ));
+    }
+    toml
+}
+
+impl Proxy {
+    pub fn start(redis_port: u16) -> Proxy {
+        Proxy::start_with(redis_port, USERS, "")
+    }
+
+    /// Starts the proxy with `extra` lines added to its `[server]` section.
+    pub fn start_with(redis_port: u16, users: &[User], extra: &str) -> Proxy {
+        Proxy::start_toml(&config_toml(redis_port, users, extra))
+    }
+
+    pub fn start_toml(toml: &str) -> Proxy {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let config = dir.path().join("redcloak.toml");
+        std::fs::write(&config, toml).expect("writing the test config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_redcloak"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting redcloak");
+
+        // The proxy listens on port 0 and logs the address it got.
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let port = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx
+                .recv_timeout(left)
+                .expect("redcloak did not report its address");
+            if line.contains("listening") {
+                if let Some(port) = line
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("addr=127.0.0.1:"))
+                {
+                    break port.trim().parse::<u16>().expect("port number in the log");
+                }
+            }
+        };
+        Proxy {
+            child: Some(child),
+            port,
+            config,
+            stderr: rx,
+            _dir: dir,
+        }
+    }
+
+    pub fn raw(&self) -> Raw {
+        Raw::connect(self.port)
+    }
+
+    /// A raw client already logged in as `user`.
+    pub fn login(&self, user: &User) -> Raw {
+        let mut raw = self.raw();
+        assert_eq!(raw.cmd(&["AUTH", user.name, user.password]), b"+OK\r\n");
+        raw
+    }
+
+    pub fn url(&self, user: &User) -> String {
+        format!(
+            "redis://{}:{}@127.0.0.1:{}/",
+            user.name, user.password, self.port
+        )
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .map(|c| c.id())
+            .expect("proxy is running")
+    }
+
+    /// Sends a signal to the proxy process.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.pid().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the proxy to exit and returns its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut()?;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Every log line the proxy has written so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.stderr.try_iter().collect()
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A blocking RESP client that returns each reply as its exact bytes.
+pub struct Raw {
+    stream: TcpStream,
+    buf: BytesMut,
+    scanner: Scanner,
+}
+
+impl Raw {
+    pub fn connect(port: u16) -> Raw {
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connecting");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("setting a read timeout");
+        Raw {
+            stream,
+            buf: BytesMut::new(),
+            scanner: Scanner::for_replies(),
+        }
+    }
+
+    /// Encodes a request in multibulk form.
+    pub fn encode(args: &[&str]) -> Vec<u8> {
+        let mut out = format!("*{}\r\n", args.len()).into_bytes();
+        for a in args {
+            out.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+        }
+        out
+    }
+
+    pub fn send_bytes(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("writing to the proxy");
+    }
+
+    pub fn send(&mut self, args: &[&str]) {
+        let bytes = Raw::encode(args);
+        self.send_bytes(&bytes);
+    }
+
+    /// Reads one reply frame; panics on timeout or close.
+    pub fn reply(&mut self) -> Vec<u8> {
+        self.try_reply()
+            .expect("a reply before the connection closed")
+    }
+
+    /// Reads one reply frame, or `None` if the connection closed first.
+    pub fn try_reply(&mut self) -> Option<Vec<u8>> {
+        let limits = Limits::reply(1 << 30);
+        loop {
+            if let Some(len) = self
+                .scanner
+                .measure(&self.buf, &limits)
+                .expect("a well-formed reply")
+            {
+                return Some(self.buf.split_to(len).to_vec());
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                Err(e) => panic!("reading a reply: {e}"),
+            }
+        }
+    }
+
+    /// Sends one command and returns its reply.
+    pub fn cmd(&mut self, args: &[&str]) -> Vec<u8> {
+        self.send(args);
+        self.reply()
+    }
+
+    /// True once the peer has closed the connection (within the timeout).
+    pub fn is_closed(&mut self) -> bool {
+        self.try_reply().is_none()
+    }
+}
+
+/// `$n\r\ndata\r\n` for a string.
+pub fn bulk(s: &str) -> Vec<u8> {
+    format!("${}\r\n{s}\r\n", s.len()).into_bytes()
+}
+
+/// The upstream prefix of a project, computed independently of the proxy.
+pub fn upstream_prefix(project: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(project.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("project:{}:", &hex[..16])
+}
+
+/// Runs the built `redcloak` binary with arguments and standard input.
+pub fn run_cli(args: &[&str], stdin: &str) -> std::process::Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_redcloak"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting redcloak");
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(stdin.as_bytes())
+        .expect("writing stdin");
+    child.wait_with_output().expect("waiting for redcloak")
+}
+
+pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("writing a test file");
+    path
+}
