@@ -22,8 +22,10 @@ pub const UNAUTHENTICATED_MAX_BULK: u64 = 16 * 1024;
 /// Limits on one frame.
 #[derive(Clone, Copy, Debug)]
 pub struct Limits {
-    /// Largest bulk string, and largest frame in all.
+    /// Largest frame in all.
     pub max_bytes: u64,
+    /// Largest bulk string.
+    pub max_bulk: u64,
     /// Most elements of one aggregate.
     pub max_elements: u64,
     /// Deepest nesting of aggregates (1 = a flat array, as requests are).
@@ -36,12 +38,14 @@ impl Limits {
         if authenticated {
             Limits {
                 max_bytes: max_request_bytes as u64,
+                max_bulk: max_request_bytes as u64,
                 max_elements: 1024 * 1024 * 1024,
                 max_depth: 1,
             }
         } else {
             Limits {
                 max_bytes: UNAUTHENTICATED_MAX_BULK * UNAUTHENTICATED_MAX_ARGS,
+                max_bulk: UNAUTHENTICATED_MAX_BULK,
                 max_elements: UNAUTHENTICATED_MAX_ARGS,
                 max_depth: 1,
             }
@@ -54,6 +58,7 @@ impl Limits {
     pub fn reply(max_reply_bytes: usize) -> Limits {
         Limits {
             max_bytes: max_reply_bytes as u64,
+            max_bulk: max_reply_bytes as u64,
             max_elements: u32::MAX as u64,
             max_depth: 64,
         }
@@ -144,14 +149,14 @@ impl Scanner {
                     match len {
                         None => line_end,
                         Some(len) => {
-                            if len > limits.max_bytes {
+                            if len > limits.max_bulk {
                                 return Err(if self.request && limits.max_depth == 1 {
                                     self.bulk_limit_error(limits)
                                 } else {
                                     ProtocolError::TooLarge
                                 });
                             }
-                            // Bounded by max_bytes above, so the sum can't overflow.
+                            // Bounded by max_bulk above, so the sum can't overflow.
                             let end = line_end + len as usize + 2;
                             if buf.len() < end {
                                 return Ok(None);
@@ -235,9 +240,12 @@ impl Scanner {
     }
 }
 
-/// Reads the header line starting at `pos`: its type byte, the text after
-/// it, and the offset just past its CRLF.
-fn read_line(buf: &[u8], pos: usize) -> Result<Option<(u8, &[u8], usize)>, ProtocolError> {
+/// One frame header line: its type byte, the text after it, and the offset
+/// just past its line ending.
+type HeaderLine<'a> = (u8, &'a [u8], usize);
+
+/// Reads the header line starting at `pos`.
+fn read_line(buf: &[u8], pos: usize) -> Result<Option<HeaderLine<'_>>, ProtocolError> {
     let Some(rest) = buf.get(pos..) else {
         return Ok(None);
     };
@@ -525,6 +533,7 @@ mod tests {
 
     const REPLY: Limits = Limits {
         max_bytes: 1 << 20,
+        max_bulk: 1 << 20,
         max_elements: 1 << 20,
         max_depth: 8,
     };

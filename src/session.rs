@@ -218,10 +218,10 @@ impl Session {
                     if let Err(e) = written {
                         break Err(Fault::ClientIo(e));
                     }
-                    if self.client_out.is_empty() {
-                        if let Err(e) = client_wr.flush().await {
-                            break Err(Fault::ClientIo(e));
-                        }
+                    if self.client_out.is_empty()
+                        && let Err(e) = client_wr.flush().await
+                    {
+                        break Err(Fault::ClientIo(e));
                     }
                 }
                 written = write_link(&mut self.link_writer, &mut self.up_out), if !self.up_out.is_empty() => {
@@ -532,16 +532,16 @@ impl Session {
             }
         }
 
-        if let Some((user, password)) = credentials {
-            if !self.authenticate(&user, &password).await {
-                self.reply_local(|w, out| {
-                    w.error(
-                        out,
-                        "WRONGPASS invalid username-password pair or user is disabled.",
-                    )
-                });
-                return;
-            }
+        if let Some((user, password)) = credentials
+            && !self.authenticate(&user, &password).await
+        {
+            self.reply_local(|w, out| {
+                w.error(
+                    out,
+                    "WRONGPASS invalid username-password pair or user is disabled.",
+                )
+            });
+            return;
         }
         if self.identity.is_none() {
             self.reply_local(|w, out| {

@@ -64,12 +64,12 @@ impl Redis {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) {
-                if s.write_all(b"PING\r\n").is_ok() {
-                    let mut buf = [0u8; 7];
-                    if s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n" {
-                        return true;
-                    }
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port))
+                && s.write_all(b"PING\r\n").is_ok()
+            {
+                let mut buf = [0u8; 7];
+                if s.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n" {
+                    return true;
                 }
             }
             if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
@@ -215,13 +215,12 @@ impl Proxy {
             let line = rx
                 .recv_timeout(left)
                 .expect("redcloak did not report its address");
-            if line.contains("listening") {
-                if let Some(port) = line
+            if line.contains("listening")
+                && let Some(port) = line
                     .split_whitespace()
                     .find_map(|w| w.strip_prefix("addr=127.0.0.1:"))
-                {
-                    break port.trim().parse::<u16>().expect("port number in the log");
-                }
+            {
+                break port.trim().parse::<u16>().expect("port number in the log");
             }
         };
         Proxy {
