@@ -14,6 +14,7 @@ pub mod keyring;
 pub mod listener;
 pub mod namespace;
 pub mod plan;
+pub mod reply;
 pub mod session;
 pub mod shutdown;
 pub mod upstream;

@@ -19,7 +19,8 @@ use tracing::{error, info, warn};
 
 use redcloak::auth::{self, Authenticator};
 use redcloak::config::{self, Settings};
-use redcloak::session::{SessionLimits, Shared};
+use redcloak::keyring::{Keyring, Sealer};
+use redcloak::session::{Encryption, SessionLimits, Shared};
 use redcloak::upstream::Connector;
 use redcloak::{listener, shutdown};
 
@@ -152,10 +153,18 @@ async fn run(path: PathBuf, settings: Settings) -> anyhow::Result<()> {
             .then(|| Duration::from_secs(settings.server.idle_timeout_secs)),
         project_isolation: settings.server.project_isolation,
     };
+    let encryption = encryption(&settings)?;
+    if let Some(e) = &encryption {
+        info!(
+            current_key = e.sealer.keyring().current_id(),
+            "encryption on"
+        );
+    }
     let shared = Arc::new(Shared::new(
         auth,
         Connector::new(&settings.upstream),
         limits,
+        encryption,
     ));
 
     let socket = TcpListener::bind(&settings.server.listen)
@@ -164,6 +173,14 @@ async fn run(path: PathBuf, settings: Settings) -> anyhow::Result<()> {
     info!(addr = %socket.local_addr()?, "listening");
 
     let (trigger, shutdown) = shutdown::channel();
+    let rotation = (settings.encryption.enabled && settings.encryption.rotation_interval_secs > 0)
+        .then(|| {
+            tokio::spawn(rotate_periodically(
+                path.clone(),
+                Arc::clone(&shared),
+                Duration::from_secs(settings.encryption.rotation_interval_secs),
+            ))
+        });
     let signals = tokio::spawn(watch_signals(path, Arc::clone(&shared), trigger));
     listener::serve(
         socket,
@@ -174,6 +191,9 @@ async fn run(path: PathBuf, settings: Settings) -> anyhow::Result<()> {
     )
     .await;
     signals.abort();
+    if let Some(rotation) = rotation {
+        rotation.abort();
+    }
     info!("shutdown finished");
     Ok(())
 }
@@ -199,10 +219,61 @@ async fn watch_signals(path: PathBuf, shared: Arc<Shared>, trigger: shutdown::Tr
     trigger.fire();
 }
 
-/// Re-reads the configuration and swaps in its users. A broken file leaves
-/// the running set untouched.
+/// The sealing settings, or `None` when encryption is off.
+fn encryption(settings: &Settings) -> anyhow::Result<Option<Encryption>> {
+    let enc = &settings.encryption;
+    if !enc.enabled {
+        return Ok(None);
+    }
+    let keyring = match (&enc.key, &enc.keyring) {
+        (Some(key), _) => Keyring::from_env_key(key),
+        (None, Some(path)) => Keyring::load(path),
+        (None, None) => anyhow::bail!("encryption is enabled but no key is configured"),
+    }
+    .context("loading the keyring")?;
+    let strict_projects = settings
+        .projects
+        .iter()
+        .filter_map(|(name, project)| project.strict.map(|strict| (name.clone(), strict)))
+        .collect();
+    Ok(Some(Encryption {
+        sealer: Arc::new(Sealer::new(keyring, enc.compression_threshold, false)),
+        strict: enc.strict,
+        strict_projects,
+    }))
+}
+
+/// Every `interval`, adds a fresh key to the keyring file, makes it current
+/// and reloads, so new writes use it at once.
+async fn rotate_periodically(path: PathBuf, shared: Arc<Shared>, interval: Duration) {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    loop {
+        ticks.tick().await;
+        let rotated = load(&path).and_then(|settings| match &settings.encryption.keyring {
+            Some(file) => Ok(Keyring::rotate(file)?),
+            None => {
+                anyhow::bail!("rotation needs a keyring file; CACHE_ENCRYPTION_KEY can't rotate")
+            }
+        });
+        match rotated {
+            Ok(keyring) => {
+                info!(current_key = keyring.current_id(), "keyring rotated");
+                reload(&path, &shared);
+            }
+            Err(e) => warn!(error = %format!("{e:#}"), "keyring rotation failed"),
+        }
+    }
+}
+
+/// Re-reads the configuration and swaps in its users and keyring. A broken
+/// file leaves the running settings untouched.
 fn reload(path: &Path, shared: &Shared) {
-    let outcome = load(path).and_then(|settings| Ok(shared.auth.reload(&settings.users)?));
+    let outcome = load(path).and_then(|settings| {
+        let encryption = encryption(&settings)?;
+        shared.auth.reload(&settings.users)?;
+        shared.replace_encryption(encryption);
+        Ok(())
+    });
     match outcome {
         Ok(()) => info!("configuration reloaded"),
         Err(e) => {

@@ -9,12 +9,28 @@
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use redis_protocol::resp2::types::BytesFrame as Resp2Frame;
-use redis_protocol::resp3::types::BytesFrame as Resp3Frame;
 
-use crate::command::{self, CommandSpec, Patterns, ReplyShape};
-use crate::frame::ProtocolError;
+use crate::command::{self, CommandSpec, Patterns, ReplyShape, ValueArgs};
+use crate::keyring::Sealer;
 use crate::namespace::Namespace;
+
+/// How a session's values are sealed and opened, when encryption is on.
+#[derive(Clone)]
+pub struct Values {
+    pub sealer: Arc<Sealer>,
+    pub project: Arc<str>,
+    /// Refuse values read without the sealed-value magic.
+    pub strict: bool,
+}
+
+impl std::fmt::Debug for Values {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Values")
+            .field("project", &self.project)
+            .field("strict", &self.strict)
+            .finish_non_exhaustive()
+    }
+}
 
 /// What to do with the reply of one forwarded request.
 #[derive(Clone, Debug)]
@@ -26,49 +42,158 @@ pub struct Plan {
     /// pipelined `AUTH` may switch the session to another project while
     /// earlier replies are still on their way.
     pub namespace: Arc<Namespace>,
+    /// Present when encryption is on: how to open the reply's values.
+    pub values: Option<Values>,
 }
 
 impl Plan {
     /// Whether the reply must be decoded and rewritten, or can be forwarded
     /// as the bytes the upstream sent.
     pub fn transforms_reply(&self) -> bool {
-        !self.namespace.prefix().is_empty()
-            && matches!(
-                self.reply,
-                ReplyShape::KeyValue
-                    | ReplyShape::KeyFirst
-                    | ReplyShape::KeyValues
-                    | ReplyShape::ScanKeys
-                    | ReplyShape::Keys
-                    | ReplyShape::Key
-            )
+        let has_keys = matches!(
+            self.reply,
+            ReplyShape::KeyValue
+                | ReplyShape::KeyFirst
+                | ReplyShape::KeyValues
+                | ReplyShape::ScanKeys
+                | ReplyShape::Keys
+                | ReplyShape::Key
+        );
+        let has_values = matches!(
+            self.reply,
+            ReplyShape::Value
+                | ReplyShape::Values
+                | ReplyShape::FieldValues
+                | ReplyShape::KeyValue
+                | ReplyShape::KeyValues
+        );
+        (has_keys && !self.namespace.prefix().is_empty()) || (has_values && self.values.is_some())
     }
 }
 
-/// Writes the rewritten form of `args` to `out` and returns its plan.
+/// Why a request can't be forwarded; the text is the error reply.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RewriteError {
+    #[error(
+        "ERR '{0}' compares values inside Redis, and redcloak encrypts values: not available while encryption is on"
+    )]
+    ComparesValues(&'static str),
+    #[error("ERR sealing a value failed; the request was not sent")]
+    Seal,
+}
+
+/// Commands that compare stored values inside Redis. Sealed values never
+/// compare equal (each seal is random), so these could only give wrong
+/// answers and are refused while encryption is on.
+const COMPARES_VALUES: &[&str] = &["lrem", "lpos", "linsert", "hstrlen"];
+
+/// Commands that read or edit a string's bytes inside Redis. On a sealed
+/// value they would return or write garbage, so while encryption is on they
+/// run inside a small script that first checks that none of their keys holds
+/// a sealed string, and answers a clear error if one does. Plain strings,
+/// counters and bitmaps written by these commands keep working.
+const NEEDS_PLAINTEXT: &[&str] = &[
+    "append",
+    "setrange",
+    "getrange",
+    "substr",
+    "strlen",
+    "lcs",
+    "setbit",
+    "getbit",
+    "bitcount",
+    "bitpos",
+    "bitop",
+    "bitfield",
+    "bitfield_ro",
+];
+
+/// The guard script: refuses when any key holds a sealed string (magic
+/// `00 52 43`, version `01`), else runs the command given in ARGV. `pcall`
+/// passes the command's own errors through unchanged.
+const PLAINTEXT_GUARD: &str = "for _, k in ipairs(KEYS) do \
+if redis.call('TYPE', k)['ok'] == 'string' and redis.call('GETRANGE', k, 0, 3) == '\\0RC\\1' then \
+return redis.error_reply('ERR this command needs the plaintext inside Redis, but the value is encrypted by redcloak') \
+end end \
+return redis.pcall(unpack(ARGV))";
+
+/// Refuses argument orders where Redis would treat an argument as a key that
+/// the key specifications (and so the rewrite) don't report. Such a key
+/// would reach Redis without the namespace prefix, so these forms are
+/// refused rather than forwarded.
+pub fn ambiguous_keys(spec: &CommandSpec, args: &[Bytes]) -> Option<&'static str> {
+    match spec.name {
+        // Redis stores into the last STORE/STOREDIST; the key spec names the
+        // first.
+        "georadius" | "georadiusbymember" => {
+            let options_from = if spec.name == "georadius" { 6 } else { 5 };
+            let stores = args
+                .iter()
+                .skip(options_from)
+                .filter(|a| {
+                    a.eq_ignore_ascii_case(b"STORE") || a.eq_ignore_ascii_case(b"STOREDIST")
+                })
+                .count();
+            (stores > 1).then_some("ERR redcloak accepts at most one STORE or STOREDIST option")
+        }
+        // With options before GROUP, a group or consumer named STREAMS can
+        // hide where the stream keys begin.
+        "xreadgroup" => (!args
+            .get(1)
+            .is_some_and(|a| a.eq_ignore_ascii_case(b"GROUP")))
+        .then_some("ERR redcloak requires XREADGROUP GROUP <group> <consumer> to come first"),
+        _ => None,
+    }
+}
+
+/// Writes the rewritten form of `args` to `out` and returns its plan. On
+/// error nothing is written.
 ///
 /// `key_scratch` is reused between calls to avoid an allocation per request.
 pub fn rewrite(
     spec: &'static CommandSpec,
     args: &[Bytes],
     namespace: &Arc<Namespace>,
+    values: Option<&Values>,
     out: &mut BytesMut,
     key_scratch: &mut Vec<usize>,
-) -> Plan {
+) -> Result<Plan, RewriteError> {
+    if values.is_some() && COMPARES_VALUES.contains(&spec.name) {
+        return Err(RewriteError::ComparesValues(spec.name));
+    }
+
     key_scratch.clear();
     command::key_indexes(spec, args, key_scratch);
     key_scratch.sort_unstable();
     key_scratch.dedup();
-    let mut keys = key_scratch.iter().copied().peekable();
     let patterns = pattern_indexes(spec.patterns, args);
-    let prefix = namespace.prefix();
+    let sealed = match values {
+        Some(values) => seal_values(spec.values, args, values)?,
+        None => Vec::new(),
+    };
 
-    out.put_u8(b'*');
-    out.put_slice(args.len().to_string().as_bytes());
-    out.put_slice(b"\r\n");
+    let guarded = values.is_some() && NEEDS_PLAINTEXT.contains(&spec.name);
+    if guarded {
+        // EVAL <guard> <numkeys> <keys…> <the command itself…>
+        put_array_header(out, 3 + key_scratch.len() + args.len());
+        crate::frame::put_bulk(out, b"EVAL");
+        crate::frame::put_bulk(out, PLAINTEXT_GUARD.as_bytes());
+        crate::frame::put_bulk(out, key_scratch.len().to_string().as_bytes());
+        for &i in key_scratch.iter() {
+            put_prefixed(out, namespace.prefix(), &args[i]);
+        }
+    } else {
+        put_array_header(out, args.len());
+    }
+
+    let prefix = namespace.prefix();
+    let mut keys = key_scratch.iter().copied().peekable();
+    let mut sealed = sealed.into_iter().peekable();
     for (i, arg) in args.iter().enumerate() {
         let is_key = keys.next_if_eq(&i).is_some();
-        if prefix.is_empty() {
+        if let Some((_, value)) = sealed.next_if(|(at, _)| *at == i) {
+            crate::frame::put_bulk(out, &value);
+        } else if prefix.is_empty() {
             crate::frame::put_bulk(out, arg);
         } else if is_key {
             put_prefixed(out, prefix, arg);
@@ -82,11 +207,59 @@ pub fn rewrite(
         }
     }
 
-    Plan {
+    Ok(Plan {
         command: spec.name,
-        reply: spec.reply,
+        reply: reply_shape(spec, args),
         namespace: Arc::clone(namespace),
+        values: values.cloned(),
+    })
+}
+
+/// The reply shape, where it depends on the arguments: `HRANDFIELD` returns
+/// field names only, unless asked `WITHVALUES`.
+fn reply_shape(spec: &CommandSpec, args: &[Bytes]) -> ReplyShape {
+    if spec.name == "hrandfield"
+        && !args
+            .iter()
+            .skip(3)
+            .any(|a| a.eq_ignore_ascii_case(b"WITHVALUES"))
+    {
+        return ReplyShape::Plain;
     }
+    spec.reply
+}
+
+/// Seals the value arguments, in argument order.
+fn seal_values(
+    positions: ValueArgs,
+    args: &[Bytes],
+    values: &Values,
+) -> Result<Vec<(usize, Vec<u8>)>, RewriteError> {
+    let ValueArgs::Range { first, last, step } = positions else {
+        return Ok(Vec::new());
+    };
+    let last = if last < 0 {
+        args.len() as isize + last
+    } else {
+        last
+    };
+    let mut sealed = Vec::new();
+    let mut i = first;
+    while (i as isize) <= last && i < args.len() {
+        let value = values
+            .sealer
+            .seal(&values.project, &args[i])
+            .map_err(|_| RewriteError::Seal)?;
+        sealed.push((i, value));
+        i += step.max(1);
+    }
+    Ok(sealed)
+}
+
+fn put_array_header(out: &mut BytesMut, len: usize) {
+    out.put_u8(b'*');
+    out.put_slice(len.to_string().as_bytes());
+    out.put_slice(b"\r\n");
 }
 
 fn put_prefixed(out: &mut BytesMut, prefix: &[u8], arg: &[u8]) {
@@ -155,174 +328,49 @@ fn pattern_indexes(patterns: Patterns, args: &[Bytes]) -> Vec<(usize, PatternKin
     }
 }
 
-/// Writes the reply of `plan` to `out`, transformed as the plan requires.
-/// `raw` is one complete frame as measured by the scanner; `resp3` says
-/// which protocol the upstream connection speaks.
-pub fn transform_reply(
-    plan: &Plan,
-    raw: Bytes,
-    resp3: bool,
-    out: &mut BytesMut,
-) -> Result<(), ProtocolError> {
-    // Errors and nulls carry no keys; most replies need no change at all.
-    if !plan.transforms_reply()
-        || matches!(raw.first(), Some(b'-' | b'_' | b'!'))
-        || raw.starts_with(b"*-1")
-        || raw.starts_with(b"$-1")
-    {
-        out.extend_from_slice(&raw);
-        return Ok(());
-    }
-
-    if resp3 {
-        let (mut frame, _) = redis_protocol::resp3::decode::complete::decode_bytes(&raw)
-            .map_err(|e| ProtocolError::Decode(e.details().to_string()))?
-            .ok_or_else(|| ProtocolError::Decode("incomplete reply".into()))?;
-        unprefix(&mut frame, plan);
-        redis_protocol::resp3::encode::complete::extend_encode(out, &frame, false)
-            .map_err(|e| ProtocolError::Decode(e.details().to_string()))?;
-    } else {
-        let (mut frame, _) = redis_protocol::resp2::decode::decode_bytes(&raw)
-            .map_err(|e| ProtocolError::Decode(e.details().to_string()))?
-            .ok_or_else(|| ProtocolError::Decode("incomplete reply".into()))?;
-        unprefix(&mut frame, plan);
-        redis_protocol::resp2::encode::extend_encode(out, &frame, false)
-            .map_err(|e| ProtocolError::Decode(e.details().to_string()))?;
-    }
-    Ok(())
-}
-
-/// The two parts of a reply tree the transforms touch, over both protocols'
-/// frame types.
-trait ReplyTree: Sized {
-    fn items_mut(&mut self) -> Option<&mut Vec<Self>>;
-    fn blob_mut(&mut self) -> Option<&mut Bytes>;
-}
-
-impl ReplyTree for Resp2Frame {
-    fn items_mut(&mut self) -> Option<&mut Vec<Self>> {
-        match self {
-            Resp2Frame::Array(items) => Some(items),
-            _ => None,
-        }
-    }
-
-    fn blob_mut(&mut self) -> Option<&mut Bytes> {
-        match self {
-            Resp2Frame::BulkString(data) => Some(data),
-            _ => None,
-        }
-    }
-}
-
-impl ReplyTree for Resp3Frame {
-    fn items_mut(&mut self) -> Option<&mut Vec<Self>> {
-        match self {
-            Resp3Frame::Array { data, .. } | Resp3Frame::Push { data, .. } => Some(data),
-            _ => None,
-        }
-    }
-
-    fn blob_mut(&mut self) -> Option<&mut Bytes> {
-        match self {
-            Resp3Frame::BlobString { data, .. } | Resp3Frame::SimpleString { data, .. } => {
-                Some(data)
-            }
-            _ => None,
-        }
-    }
-}
-
-/// Strips the namespace from every key the reply shape says is there. A key
-/// outside the namespace can't be produced by a rewritten request; should
-/// one appear anyway it is dropped from lists and emptied in place, never
-/// shown with its prefix.
-fn unprefix<F: ReplyTree>(frame: &mut F, plan: &Plan) {
-    let ns = &plan.namespace;
-    let strip_in_place = |f: &mut F| {
-        if let Some(key) = f.blob_mut() {
-            *key = ns.strip(key).unwrap_or_default();
-        }
-    };
-    let strip_list = |items: &mut Vec<F>| {
-        items.retain_mut(|f| match f.blob_mut() {
-            Some(key) => match ns.strip(key) {
-                Some(stripped) => {
-                    *key = stripped;
-                    true
-                }
-                None => false,
-            },
-            None => true,
-        });
-    };
-
-    match plan.reply {
-        ReplyShape::Key => strip_in_place(frame),
-        ReplyShape::Keys => {
-            if let Some(items) = frame.items_mut() {
-                strip_list(items);
-            }
-        }
-        ReplyShape::ScanKeys => {
-            if let Some(keys) = frame
-                .items_mut()
-                .and_then(|items| items.get_mut(1))
-                .and_then(ReplyTree::items_mut)
-            {
-                strip_list(keys);
-            }
-        }
-        ReplyShape::KeyValue | ReplyShape::KeyFirst | ReplyShape::KeyValues => {
-            if let Some(first) = frame.items_mut().and_then(|items| items.first_mut()) {
-                strip_in_place(first);
-            }
-        }
-        ReplyShape::Plain | ReplyShape::Value | ReplyShape::Values | ReplyShape::FieldValues => {}
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn plan(reply: ReplyShape, ns: &Arc<Namespace>) -> Plan {
-        Plan {
-            command: "test",
-            reply,
-            namespace: Arc::clone(ns),
-        }
-    }
-
     #[test]
-    fn scan_reply_loses_its_prefix_in_both_protocols() {
-        let ns = Arc::new(Namespace::for_project("p"));
-        let a = ns.key(b"a");
-        let raw = format!(
-            "*2\r\n$1\r\n0\r\n*2\r\n${}\r\n{}\r\n$5\r\nother\r\n",
-            a.len(),
-            String::from_utf8_lossy(&a)
-        );
-        for resp3 in [false, true] {
-            let mut out = BytesMut::new();
-            transform_reply(
-                &plan(ReplyShape::ScanKeys, &ns),
-                Bytes::from(raw.clone()),
-                resp3,
-                &mut out,
-            )
-            .unwrap();
-            assert_eq!(&out[..], b"*2\r\n$1\r\n0\r\n*1\r\n$1\r\na\r\n");
-        }
-    }
+    fn argument_orders_that_hide_keys_are_refused() {
+        let table = |args: &[&str]| -> Vec<Bytes> {
+            args.iter()
+                .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+                .collect()
+        };
+        let geo = table(&[
+            "GEORADIUS",
+            "k",
+            "0",
+            "0",
+            "1",
+            "km",
+            "STORE",
+            "a",
+            "STORE",
+            "b",
+        ]);
+        let spec = command::lookup(&geo).unwrap();
+        assert!(ambiguous_keys(spec, &geo).is_some());
+        let geo_once = table(&["GEORADIUS", "k", "0", "0", "1", "km", "STORE", "a"]);
+        assert!(ambiguous_keys(spec, &geo_once).is_none());
 
-    #[test]
-    fn plain_replies_are_forwarded_byte_for_byte() {
-        let ns = Arc::new(Namespace::for_project("p"));
-        let mut out = BytesMut::new();
-        let raw = Bytes::from_static(b"%1\r\n+a\r\n:1\r\n");
-        transform_reply(&plan(ReplyShape::Plain, &ns), raw.clone(), true, &mut out).unwrap();
-        assert_eq!(&out[..], &raw[..]);
+        let xrg = table(&[
+            "XREADGROUP",
+            "COUNT",
+            "1",
+            "GROUP",
+            "g",
+            "c",
+            "STREAMS",
+            "s",
+            ">",
+        ]);
+        let spec = command::lookup(&xrg).unwrap();
+        assert!(ambiguous_keys(spec, &xrg).is_some());
+        let xrg_ok = table(&["XREADGROUP", "GROUP", "g", "c", "STREAMS", "s", ">"]);
+        assert!(ambiguous_keys(spec, &xrg_ok).is_none());
     }
 
     #[test]

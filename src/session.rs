@@ -8,22 +8,24 @@
 //! either side pauses while the output towards the other side is full, so a
 //! client that never reads can't make the proxy buffer without limit.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::time::Instant;
-use tracing::{Instrument, debug, field};
+use tracing::{Instrument, debug, field, warn};
 
 use crate::auth::{Authenticator, Identity};
 use crate::command::{self, Access, Handling, Local};
 use crate::frame::{self, Limits, ProtocolError, ReplyWriter, Scanner};
+use crate::keyring::Sealer;
 use crate::namespace::Namespace;
-use crate::plan::{self, Plan};
+use crate::plan::{self, Plan, Values};
+use crate::reply::{self, ReplyError};
 use crate::shutdown::Shutdown;
 use crate::upstream::{BoxStream, Connector, UpstreamError};
 
@@ -39,7 +41,32 @@ pub struct Shared {
     pub auth: Authenticator,
     pub upstream: Connector,
     pub limits: SessionLimits,
+    /// `None` when encryption is off. Swapped whole on reload; sessions pick
+    /// up the new one before their next batch of requests.
+    encryption: RwLock<Option<Arc<Encryption>>>,
     next_client_id: AtomicU64,
+}
+
+/// Sealing settings: the sealer over the current keyring and which
+/// projects refuse plain values.
+pub struct Encryption {
+    pub sealer: Arc<Sealer>,
+    pub strict: bool,
+    pub strict_projects: HashMap<String, bool>,
+}
+
+impl Encryption {
+    fn values_for(&self, project: &Arc<str>) -> Values {
+        Values {
+            sealer: Arc::clone(&self.sealer),
+            project: Arc::clone(project),
+            strict: self
+                .strict_projects
+                .get(&**project)
+                .copied()
+                .unwrap_or(self.strict),
+        }
+    }
 }
 
 /// Per-session limits taken from the configuration.
@@ -52,13 +79,37 @@ pub struct SessionLimits {
 }
 
 impl Shared {
-    pub fn new(auth: Authenticator, upstream: Connector, limits: SessionLimits) -> Shared {
+    pub fn new(
+        auth: Authenticator,
+        upstream: Connector,
+        limits: SessionLimits,
+        encryption: Option<Encryption>,
+    ) -> Shared {
         Shared {
             auth,
             upstream,
             limits,
+            encryption: RwLock::new(encryption.map(Arc::new)),
             next_client_id: AtomicU64::new(1),
         }
+    }
+
+    /// The encryption settings in force now.
+    pub fn encryption(&self) -> Option<Arc<Encryption>> {
+        self.encryption
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the encryption settings (a reloaded or rotated keyring).
+    /// New writes use the new current key as soon as each session starts its
+    /// next batch; values under older keys keep opening.
+    pub fn replace_encryption(&self, encryption: Option<Encryption>) {
+        *self
+            .encryption
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = encryption.map(Arc::new);
     }
 }
 
@@ -110,6 +161,8 @@ struct Session {
     shared: Arc<Shared>,
     identity: Option<Identity>,
     namespace: Arc<Namespace>,
+    /// How this session's values are sealed; refreshed before each batch.
+    values: Option<Values>,
     writer: ReplyWriter,
     name: Option<Bytes>,
     reply_mode: ReplyMode,
@@ -153,6 +206,7 @@ impl Session {
             shared,
             identity: None,
             namespace: Arc::new(Namespace::shared()),
+            values: None,
             writer: ReplyWriter { resp3: false },
             name: None,
             reply_mode: ReplyMode::On,
@@ -249,6 +303,7 @@ impl Session {
         input: &mut BytesMut,
         scanner: &mut Scanner,
     ) -> Result<(), ProtocolError> {
+        self.refresh_values();
         while !self.closing {
             let limits = Limits::request(
                 self.shared.limits.max_request_bytes,
@@ -302,25 +357,31 @@ impl Session {
             }
             Handling::Local(local) => self.handle_local(local, &args).await,
             Handling::Forward => {
-                if spec.name == "copy" && args.iter().skip(3).any(|a| a.eq_ignore_ascii_case(b"DB"))
-                {
-                    self.reply_local(|w, out| {
-                        w.error(out, "ERR 'copy' with DB is not available through redcloak: reaches outside the project")
-                    });
+                if let Some(text) = refused_form(spec, &args) {
+                    self.reply_local(|w, out| w.error(out, text));
                     return;
                 }
                 if !self.ensure_link().await {
                     return;
                 }
-                let plan = plan::rewrite(
+                let rewritten = plan::rewrite(
                     spec,
                     &args,
                     &self.namespace,
+                    self.values.as_ref(),
                     &mut self.up_out,
                     &mut self.key_scratch,
                 );
-                let deliver = self.take_delivery();
-                self.pending.push_back(Pending::Upstream { plan, deliver });
+                match rewritten {
+                    Ok(plan) => {
+                        let deliver = self.take_delivery();
+                        self.pending.push_back(Pending::Upstream { plan, deliver });
+                    }
+                    Err(e) => {
+                        let text = e.to_string();
+                        self.reply_local(|w, out| w.error(out, &text));
+                    }
+                }
             }
         }
     }
@@ -491,7 +552,26 @@ impl Session {
             Namespace::shared()
         });
         self.identity = Some(identity);
+        self.values = None;
+        self.refresh_values();
         true
+    }
+
+    /// Takes the current encryption settings for the session's project, so
+    /// a reloaded keyring applies from the next batch of requests on.
+    fn refresh_values(&mut self) {
+        let Some(identity) = &self.identity else {
+            return;
+        };
+        let encryption = self.shared.encryption();
+        let unchanged = match (&encryption, &self.values) {
+            (Some(e), Some(v)) => Arc::ptr_eq(&e.sealer, &v.sealer),
+            (None, None) => true,
+            _ => false,
+        };
+        if !unchanged {
+            self.values = encryption.map(|e| e.values_for(&identity.project));
+        }
     }
 
     /// `HELLO [protover [AUTH user pass] [SETNAME name]]`.
@@ -586,6 +666,7 @@ impl Session {
             }
         }
         self.identity = None;
+        self.values = None;
         self.namespace = Arc::new(Namespace::shared());
         self.writer.resp3 = false;
         self.name = None;
@@ -690,7 +771,18 @@ impl Session {
             match self.pending.pop_front() {
                 Some(Pending::Upstream { plan, deliver }) => {
                     if deliver {
-                        plan::transform_reply(&plan, raw, link.resp3, &mut self.client_out)?;
+                        match reply::transform(&plan, raw, link.resp3, &mut self.client_out) {
+                            Ok(()) => {}
+                            Err(ReplyError::Protocol(e)) => return Err(Fault::Upstream(e.into())),
+                            Err(ReplyError::Open(e)) => {
+                                // Logged without key or value; the session goes on.
+                                warn!(command = plan.command, error = %e, "a value could not be opened");
+                                self.writer.error(
+                                    &mut self.client_out,
+                                    &format!("ERR redcloak could not open a stored value: {e}"),
+                                );
+                            }
+                        }
                     }
                 }
                 Some(Pending::Hello { resp3, deliver }) => {
@@ -742,6 +834,18 @@ impl Session {
         }
         self.closing = true;
     }
+}
+
+/// Forms of a forwarded command the proxy refuses although the command
+/// itself is allowed.
+fn refused_form(spec: &command::CommandSpec, args: &[Bytes]) -> Option<&'static str> {
+    // COPY's DB option reaches another database; the table can't say so.
+    if spec.name == "copy" && args.iter().skip(3).any(|a| a.eq_ignore_ascii_case(b"DB")) {
+        return Some(
+            "ERR 'copy' with DB is not available through redcloak: reaches outside the project",
+        );
+    }
+    plan::ambiguous_keys(spec, args)
 }
 
 /// Commands answered before authentication (SPEC: AUTH, HELLO, QUIT, RESET).

@@ -474,8 +474,14 @@ const KEYSPACE: &[CommandSpec] = &[
     read("scan", -2, &[]).reply(R::ScanKeys).patterns(SCAN_GLOB),
     // Redis gives SORT two more key specifications of kind "unknown" (BY/GET
     // patterns and STORE); `Patterns::Sort` stands for both.
-    write("sort", -2, KEY1).patterns(Patterns::Sort),
-    read("sort_ro", -2, KEY1).patterns(Patterns::Sort),
+    // The reply is the sorted elements, or the values `GET` fetched: sealed
+    // ones are opened.
+    write("sort", -2, KEY1)
+        .patterns(Patterns::Sort)
+        .reply(R::Values),
+    read("sort_ro", -2, KEY1)
+        .patterns(Patterns::Sort)
+        .reply(R::Values),
     read("touch", -2, ALL_KEYS),
     read("ttl", 2, KEY1),
     read("type", 2, KEY1),

@@ -156,12 +156,19 @@ pub struct Proxy {
     _dir: tempfile::TempDir,
 }
 
-/// The TOML of a test configuration in front of `redis_port`.
+/// The TOML of a test configuration in front of `redis_port`, with
+/// encryption off.
 pub fn config_toml(redis_port: u16, users: &[User], extra: &str) -> String {
+    config_toml_with(redis_port, users, extra, "enabled = false\n")
+}
+
+/// The TOML of a test configuration with `extra` in `[server]` and
+/// `encryption` as the body of `[encryption]`.
+pub fn config_toml_with(redis_port: u16, users: &[User], extra: &str, encryption: &str) -> String {
     let mut toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\n{extra}\n\
          [upstream]\naddress = \"127.0.0.1:{redis_port}\"\nconnect_timeout_ms = 1000\n\
-         [encryption]\nenabled = false\n\
+         [encryption]\n{encryption}\n\
          [audit]\nenabled = false\n"
     );
     for user in users {

@@ -1,0 +1,411 @@
+//! Replies on their way back: keys lose the namespace prefix and sealed
+//! values are opened, as the request's plan says.
+//!
+//! Most replies need neither and are forwarded as the exact bytes the
+//! upstream sent. The others are decoded with `redis-protocol` (RESP2 or
+//! RESP3, whichever the upstream link speaks), changed in place, and encoded
+//! again.
+
+use bytes::{Bytes, BytesMut};
+use redis_protocol::resp2::types::BytesFrame as Resp2Frame;
+use redis_protocol::resp3::types::BytesFrame as Resp3Frame;
+
+use crate::command::ReplyShape;
+use crate::crypto::OpenError;
+use crate::frame::ProtocolError;
+use crate::keyring::Opened;
+use crate::plan::{Plan, Values};
+
+/// Why a reply could not be passed on.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplyError {
+    /// The upstream broke the protocol: the link can't be trusted any more.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// A value in the reply failed to open: this request gets an error
+    /// reply, the session goes on.
+    #[error("a value could not be opened: {0}")]
+    Open(#[from] OpenError),
+}
+
+/// Writes the reply of `plan` to `out`, transformed as the plan requires.
+/// `raw` is one complete frame as measured by the scanner; `resp3` says
+/// which protocol the upstream link speaks. On error nothing is written.
+pub fn transform(
+    plan: &Plan,
+    raw: Bytes,
+    resp3: bool,
+    out: &mut BytesMut,
+) -> Result<(), ReplyError> {
+    // Errors and nulls carry neither keys nor values.
+    let untouched = !plan.transforms_reply()
+        || matches!(raw.first(), Some(b'-' | b'_' | b'!' | b':' | b'+'))
+        || raw.starts_with(b"*-1")
+        || raw.starts_with(b"$-1");
+    if untouched {
+        out.extend_from_slice(&raw);
+        return Ok(());
+    }
+
+    if resp3 {
+        let (mut frame, _) = redis_protocol::resp3::decode::complete::decode_bytes(&raw)
+            .map_err(decode_error)?
+            .ok_or_else(incomplete)?;
+        apply(&mut frame, plan)?;
+        redis_protocol::resp3::encode::complete::extend_encode(out, &frame, false)
+            .map_err(decode_error)?;
+    } else {
+        let (mut frame, _) = redis_protocol::resp2::decode::decode_bytes(&raw)
+            .map_err(decode_error)?
+            .ok_or_else(incomplete)?;
+        apply(&mut frame, plan)?;
+        redis_protocol::resp2::encode::extend_encode(out, &frame, false).map_err(decode_error)?;
+    }
+    Ok(())
+}
+
+fn decode_error(e: redis_protocol::error::RedisProtocolError) -> ProtocolError {
+    ProtocolError::Decode(e.details().to_string())
+}
+
+fn incomplete() -> ProtocolError {
+    ProtocolError::Decode("incomplete reply".into())
+}
+
+/// The parts of a reply tree the transforms touch, over both protocols'
+/// frame types.
+trait ReplyTree: Sized {
+    fn items_mut(&mut self) -> Option<&mut Vec<Self>>;
+    fn blob_mut(&mut self) -> Option<&mut Bytes>;
+    /// The values of a RESP3 map; `None` for anything else.
+    fn map_values_mut(&mut self) -> Option<Vec<&mut Self>>;
+}
+
+impl ReplyTree for Resp2Frame {
+    fn items_mut(&mut self) -> Option<&mut Vec<Self>> {
+        match self {
+            Resp2Frame::Array(items) => Some(items),
+            _ => None,
+        }
+    }
+
+    fn blob_mut(&mut self) -> Option<&mut Bytes> {
+        match self {
+            Resp2Frame::BulkString(data) => Some(data),
+            _ => None,
+        }
+    }
+
+    fn map_values_mut(&mut self) -> Option<Vec<&mut Self>> {
+        None
+    }
+}
+
+impl ReplyTree for Resp3Frame {
+    fn items_mut(&mut self) -> Option<&mut Vec<Self>> {
+        match self {
+            Resp3Frame::Array { data, .. } | Resp3Frame::Push { data, .. } => Some(data),
+            _ => None,
+        }
+    }
+
+    fn blob_mut(&mut self) -> Option<&mut Bytes> {
+        match self {
+            Resp3Frame::BlobString { data, .. } | Resp3Frame::SimpleString { data, .. } => {
+                Some(data)
+            }
+            _ => None,
+        }
+    }
+
+    fn map_values_mut(&mut self) -> Option<Vec<&mut Self>> {
+        match self {
+            Resp3Frame::Map { data, .. } => Some(data.values_mut().collect()),
+            _ => None,
+        }
+    }
+}
+
+/// Applies the plan's reply shape to a decoded reply.
+fn apply<F: ReplyTree>(frame: &mut F, plan: &Plan) -> Result<(), OpenError> {
+    let values = plan.values.as_ref();
+    match plan.reply {
+        ReplyShape::Plain => Ok(()),
+        ReplyShape::Key => {
+            strip_in_place(frame, plan);
+            Ok(())
+        }
+        ReplyShape::Keys => {
+            if let Some(items) = frame.items_mut() {
+                strip_list(items, plan);
+            }
+            Ok(())
+        }
+        ReplyShape::ScanKeys => {
+            if let Some(keys) = frame
+                .items_mut()
+                .and_then(|items| items.get_mut(1))
+                .and_then(ReplyTree::items_mut)
+            {
+                strip_list(keys, plan);
+            }
+            Ok(())
+        }
+        ReplyShape::KeyFirst => {
+            if let Some(first) = frame.items_mut().and_then(|items| items.first_mut()) {
+                strip_in_place(first, plan);
+            }
+            Ok(())
+        }
+        ReplyShape::KeyValue | ReplyShape::KeyValues => {
+            let Some(items) = frame.items_mut() else {
+                return Ok(());
+            };
+            if let Some(first) = items.first_mut() {
+                strip_in_place(first, plan);
+            }
+            match (values, items.get_mut(1)) {
+                (Some(values), Some(rest)) => open_one_or_many(rest, values),
+                _ => Ok(()),
+            }
+        }
+        ReplyShape::Value | ReplyShape::Values => match values {
+            Some(values) => open_one_or_many(frame, values),
+            None => Ok(()),
+        },
+        ReplyShape::FieldValues => match values {
+            Some(values) => open_field_values(frame, values),
+            None => Ok(()),
+        },
+    }
+}
+
+/// Opens a single value, or every value of an array (`LPOP key count`).
+fn open_one_or_many<F: ReplyTree>(frame: &mut F, values: &Values) -> Result<(), OpenError> {
+    match frame.items_mut() {
+        Some(items) => items
+            .iter_mut()
+            .try_for_each(|item| open_in_place(item, values)),
+        None => open_in_place(frame, values),
+    }
+}
+
+/// Opens the values of field/value pairs: a flat RESP2 array, a RESP3 map,
+/// or a RESP3 array of pairs (`HRANDFIELD … WITHVALUES`).
+fn open_field_values<F: ReplyTree>(frame: &mut F, values: &Values) -> Result<(), OpenError> {
+    if let Some(map_values) = frame.map_values_mut() {
+        return map_values
+            .into_iter()
+            .try_for_each(|v| open_in_place(v, values));
+    }
+    let Some(items) = frame.items_mut() else {
+        return Ok(());
+    };
+    for (i, item) in items.iter_mut().enumerate() {
+        match item.items_mut() {
+            Some(pair) => {
+                if let Some(value) = pair.get_mut(1) {
+                    open_in_place(value, values)?;
+                }
+            }
+            None if i % 2 == 1 => open_in_place(item, values)?,
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+/// Replaces a sealed value by its plaintext. Plain values pass unless the
+/// project is strict; nulls and non-string frames are left alone.
+fn open_in_place<F: ReplyTree>(frame: &mut F, values: &Values) -> Result<(), OpenError> {
+    let Some(blob) = frame.blob_mut() else {
+        return Ok(());
+    };
+    match values.sealer.open(&values.project, blob)? {
+        Opened::Plain(_) if values.strict => Err(OpenError::NotSealed),
+        Opened::Plain(_) => Ok(()),
+        Opened::Sealed(plaintext) => {
+            *blob = Bytes::from(plaintext);
+            Ok(())
+        }
+    }
+}
+
+/// Unprefixes one key. A key outside the namespace can't come from a
+/// rewritten request; should one appear anyway it is emptied, never shown
+/// with its prefix.
+fn strip_in_place<F: ReplyTree>(frame: &mut F, plan: &Plan) {
+    if let Some(key) = frame.blob_mut() {
+        *key = plan.namespace.strip(key).unwrap_or_default();
+    }
+}
+
+/// Unprefixes a list of keys, dropping any outside the namespace.
+fn strip_list<F: ReplyTree>(items: &mut Vec<F>, plan: &Plan) {
+    items.retain_mut(|f| match f.blob_mut() {
+        Some(key) => match plan.namespace.strip(key) {
+            Some(stripped) => {
+                *key = stripped;
+                true
+            }
+            None => false,
+        },
+        None => true,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::keyring::{Keyring, Sealer};
+    use crate::namespace::Namespace;
+
+    fn plan(reply: ReplyShape, values: Option<Values>) -> Plan {
+        Plan {
+            command: "test",
+            reply,
+            namespace: Arc::new(Namespace::for_project("p")),
+            values,
+        }
+    }
+
+    fn values(strict: bool) -> Values {
+        let keyring = Keyring::from_env_key("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
+            .expect("a valid 32-byte key");
+        Values {
+            sealer: Arc::new(Sealer::new(keyring, 1024, false)),
+            project: Arc::from("p"),
+            strict,
+        }
+    }
+
+    fn bulk(data: &[u8]) -> Vec<u8> {
+        let mut out = format!("${}\r\n", data.len()).into_bytes();
+        out.extend_from_slice(data);
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+
+    #[test]
+    fn scan_reply_loses_its_prefix_in_both_protocols() {
+        let p = plan(ReplyShape::ScanKeys, None);
+        let a = p.namespace.key(b"a");
+        let raw = [
+            b"*2\r\n$1\r\n0\r\n*2\r\n".to_vec(),
+            bulk(&a),
+            bulk(b"other"),
+        ]
+        .concat();
+        for resp3 in [false, true] {
+            let mut out = BytesMut::new();
+            transform(&p, Bytes::from(raw.clone()), resp3, &mut out).unwrap();
+            assert_eq!(&out[..], b"*2\r\n$1\r\n0\r\n*1\r\n$1\r\na\r\n");
+        }
+    }
+
+    #[test]
+    fn plain_replies_are_forwarded_byte_for_byte() {
+        let mut out = BytesMut::new();
+        let raw = Bytes::from_static(b"%1\r\n+a\r\n:1\r\n");
+        transform(&plan(ReplyShape::Plain, None), raw.clone(), true, &mut out).unwrap();
+        assert_eq!(&out[..], &raw[..]);
+    }
+
+    #[test]
+    fn sealed_values_are_opened_in_every_value_shape() {
+        let v = values(false);
+        let sealed = v.sealer.seal("p", b"secret").unwrap();
+        let cases: Vec<(ReplyShape, Vec<u8>, Vec<u8>)> = vec![
+            (ReplyShape::Value, bulk(&sealed), bulk(b"secret")),
+            (
+                ReplyShape::Values,
+                [
+                    b"*3\r\n".to_vec(),
+                    bulk(&sealed),
+                    b"$-1\r\n".to_vec(),
+                    bulk(b"plain"),
+                ]
+                .concat(),
+                [
+                    b"*3\r\n".to_vec(),
+                    bulk(b"secret"),
+                    b"$-1\r\n".to_vec(),
+                    bulk(b"plain"),
+                ]
+                .concat(),
+            ),
+            (
+                ReplyShape::FieldValues,
+                [b"*2\r\n".to_vec(), bulk(b"f"), bulk(&sealed)].concat(),
+                [b"*2\r\n".to_vec(), bulk(b"f"), bulk(b"secret")].concat(),
+            ),
+        ];
+        for (shape, raw, expected) in cases {
+            let mut out = BytesMut::new();
+            transform(
+                &plan(shape, Some(v.clone())),
+                Bytes::from(raw),
+                false,
+                &mut out,
+            )
+            .unwrap();
+            assert_eq!(out.to_vec(), expected, "{shape:?}");
+        }
+    }
+
+    #[test]
+    fn resp3_maps_have_their_values_opened() {
+        let v = values(false);
+        let sealed = v.sealer.seal("p", b"secret").unwrap();
+        let raw = [b"%1\r\n".to_vec(), bulk(b"f"), bulk(&sealed)].concat();
+        let mut out = BytesMut::new();
+        transform(
+            &plan(ReplyShape::FieldValues, Some(v)),
+            Bytes::from(raw),
+            true,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(
+            out.to_vec(),
+            [b"%1\r\n".to_vec(), bulk(b"f"), bulk(b"secret")].concat()
+        );
+    }
+
+    #[test]
+    fn a_tampered_value_is_an_error_and_writes_nothing() {
+        let v = values(false);
+        let mut sealed = v.sealer.seal("p", b"secret").unwrap();
+        let last = sealed.len() - 1;
+        sealed[last] ^= 1;
+        let mut out = BytesMut::new();
+        let result = transform(
+            &plan(ReplyShape::Value, Some(v)),
+            Bytes::from(bulk(&sealed)),
+            false,
+            &mut out,
+        );
+        assert!(matches!(
+            result,
+            Err(ReplyError::Open(OpenError::Integrity))
+        ));
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn strict_projects_refuse_plain_values() {
+        let mut out = BytesMut::new();
+        let result = transform(
+            &plan(ReplyShape::Value, Some(values(true))),
+            Bytes::from(bulk(b"plain")),
+            false,
+            &mut out,
+        );
+        assert!(matches!(
+            result,
+            Err(ReplyError::Open(OpenError::NotSealed))
+        ));
+    }
+}
