@@ -153,8 +153,9 @@ pub struct EncryptionSettings {
     /// Values longer than this many bytes are compressed before sealing.
     /// Default 1024.
     pub compression_threshold: usize,
-    /// Reload the keyring this often, in seconds; 0 means only on `SIGHUP`.
-    /// Default 0.
+    /// Rotate the keyring file (add a fresh current key) and reload it this
+    /// often, in seconds; 0 means never. The keyring is also reloaded on
+    /// `SIGHUP`. Default 0.
     pub rotation_interval_secs: u64,
     /// Refuse values without the sealed-value magic instead of passing them
     /// through. Default false; a project may override it.

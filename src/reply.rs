@@ -64,6 +64,55 @@ pub fn transform(
     Ok(())
 }
 
+/// Writes the reply of `EXEC`: each element of the array is transformed by
+/// the plan of the command queued in its place. A null (a `WATCH`ed key
+/// changed) or an error (`EXECABORT`) passes as it is. An element whose
+/// value fails to open becomes an error element; the others are kept.
+pub fn transform_exec(
+    plans: &[Plan],
+    raw: Bytes,
+    resp3: bool,
+    out: &mut BytesMut,
+) -> Result<(), ProtocolError> {
+    let untouched = !raw.starts_with(b"*")
+        || raw.starts_with(b"*-1")
+        || !plans.iter().any(Plan::transforms_reply);
+    if untouched {
+        out.extend_from_slice(&raw);
+        return Ok(());
+    }
+
+    if resp3 {
+        let (mut frame, _) = redis_protocol::resp3::decode::complete::decode_bytes(&raw)
+            .map_err(decode_error)?
+            .ok_or_else(incomplete)?;
+        apply_each(&mut frame, plans);
+        redis_protocol::resp3::encode::complete::extend_encode(out, &frame, false)
+            .map_err(decode_error)?;
+    } else {
+        let (mut frame, _) = redis_protocol::resp2::decode::decode_bytes(&raw)
+            .map_err(decode_error)?
+            .ok_or_else(incomplete)?;
+        apply_each(&mut frame, plans);
+        redis_protocol::resp2::encode::extend_encode(out, &frame, false).map_err(decode_error)?;
+    }
+    Ok(())
+}
+
+fn apply_each<F: ReplyTree>(frame: &mut F, plans: &[Plan]) {
+    let Some(items) = frame.items_mut() else {
+        return;
+    };
+    for (item, plan) in items.iter_mut().zip(plans) {
+        if plan.transforms_reply()
+            && let Err(e) = apply(item, plan)
+        {
+            tracing::warn!(command = plan.command, error = %e, "a value could not be opened");
+            *item = F::error(&format!("ERR redcloak could not open a stored value: {e}"));
+        }
+    }
+}
+
 fn decode_error(e: redis_protocol::error::RedisProtocolError) -> ProtocolError {
     ProtocolError::Decode(e.details().to_string())
 }
@@ -79,6 +128,8 @@ trait ReplyTree: Sized {
     fn blob_mut(&mut self) -> Option<&mut Bytes>;
     /// The values of a RESP3 map; `None` for anything else.
     fn map_values_mut(&mut self) -> Option<Vec<&mut Self>>;
+    /// An error frame with this text.
+    fn error(text: &str) -> Self;
 }
 
 impl ReplyTree for Resp2Frame {
@@ -98,6 +149,10 @@ impl ReplyTree for Resp2Frame {
 
     fn map_values_mut(&mut self) -> Option<Vec<&mut Self>> {
         None
+    }
+
+    fn error(text: &str) -> Self {
+        Resp2Frame::Error(text.into())
     }
 }
 
@@ -122,6 +177,13 @@ impl ReplyTree for Resp3Frame {
         match self {
             Resp3Frame::Map { data, .. } => Some(data.values_mut().collect()),
             _ => None,
+        }
+    }
+
+    fn error(text: &str) -> Self {
+        Resp3Frame::SimpleError {
+            data: text.into(),
+            attributes: None,
         }
     }
 }

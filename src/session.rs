@@ -117,6 +117,9 @@ impl Shared {
 enum Pending {
     /// Sent upstream; the reply will be transformed by the plan.
     Upstream { plan: Plan, deliver: bool },
+    /// A forwarded `EXEC`: each element of its reply belongs to the plan of
+    /// the command queued in its place.
+    Exec { plans: Vec<Plan>, deliver: bool },
     /// A forwarded `HELLO`: from its reply on, the link speaks `resp3`.
     Hello { resp3: bool, deliver: bool },
     /// Sent upstream by the proxy for its own sake; the reply is checked
@@ -147,6 +150,14 @@ enum Fault {
     Upstream(#[from] UpstreamError),
 }
 
+/// An open `MULTI`: the plans of the queued commands, in order.
+#[derive(Debug, Default)]
+struct Transaction {
+    plans: Vec<Plan>,
+    /// A command was refused while queueing: `EXEC` must fail, as in Redis.
+    aborted: bool,
+}
+
 /// `CLIENT REPLY` modes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ReplyMode {
@@ -166,6 +177,7 @@ struct Session {
     writer: ReplyWriter,
     name: Option<Bytes>,
     reply_mode: ReplyMode,
+    transaction: Option<Transaction>,
     pending: VecDeque<Pending>,
     client_out: BytesMut,
     up_out: BytesMut,
@@ -210,6 +222,7 @@ impl Session {
             writer: ReplyWriter { resp3: false },
             name: None,
             reply_mode: ReplyMode::On,
+            transaction: None,
             pending: VecDeque::new(),
             client_out: BytesMut::with_capacity(16 * 1024),
             up_out: BytesMut::new(),
@@ -334,17 +347,12 @@ impl Session {
         } else {
             match command::lookup(&args) {
                 Ok(spec) => spec,
-                Err(e) => {
-                    let text = e.to_string();
-                    self.reply_local(|w, out| w.error(out, &text));
-                    return;
-                }
+                Err(e) => return self.refuse(&e.to_string()),
             }
         };
 
         if let Some(denied) = self.permission_error(spec) {
-            self.reply_local(|w, out| w.error(out, &denied));
-            return;
+            return self.refuse(&denied);
         }
 
         match spec.handling {
@@ -353,36 +361,110 @@ impl Session {
                     "ERR '{}' is not available through redcloak: {reason}",
                     display_name(&args)
                 );
-                self.reply_local(|w, out| w.error(out, &text));
+                self.refuse(&text);
+            }
+            Handling::Local(Local::Ping | Local::Echo) if self.transaction.is_some() => {
+                // Queued like any command; Redis answers it inside EXEC.
+                self.forward(spec, &args).await;
+            }
+            Handling::Local(_) if self.transaction.is_some() => {
+                let text = format!(
+                    "ERR '{}' can't be queued in a transaction through redcloak",
+                    display_name(&args)
+                );
+                self.refuse(&text);
             }
             Handling::Local(local) => self.handle_local(local, &args).await,
-            Handling::Forward => {
-                if let Some(text) = refused_form(spec, &args) {
-                    self.reply_local(|w, out| w.error(out, text));
-                    return;
-                }
-                if !self.ensure_link().await {
-                    return;
-                }
-                let rewritten = plan::rewrite(
-                    spec,
-                    &args,
-                    &self.namespace,
-                    self.values.as_ref(),
-                    &mut self.up_out,
-                    &mut self.key_scratch,
-                );
-                match rewritten {
-                    Ok(plan) => {
-                        let deliver = self.take_delivery();
-                        self.pending.push_back(Pending::Upstream { plan, deliver });
-                    }
-                    Err(e) => {
-                        let text = e.to_string();
-                        self.reply_local(|w, out| w.error(out, &text));
-                    }
-                }
+            Handling::Forward => match spec.name {
+                "multi" | "exec" | "discard" => self.transaction_command(spec, &args).await,
+                _ => match refused_form(spec, &args) {
+                    Some(text) => self.refuse(text),
+                    None => self.forward(spec, &args).await,
+                },
+            },
+        }
+    }
+
+    /// Answers an error for a request the proxy won't forward. Inside
+    /// `MULTI` this also dooms the transaction, as a rejected command does
+    /// in Redis.
+    fn refuse(&mut self, text: &str) {
+        if let Some(transaction) = self.transaction.as_mut() {
+            transaction.aborted = true;
+        }
+        self.reply_local(|w, out| w.error(out, text));
+    }
+
+    /// Rewrites a request and sends it upstream, its plan queued for the
+    /// reply. Inside `MULTI` the immediate reply is `QUEUED` and the plan
+    /// waits for `EXEC`.
+    async fn forward(&mut self, spec: &'static command::CommandSpec, args: &[Bytes]) {
+        if !self.ensure_link().await {
+            return;
+        }
+        let rewritten = plan::rewrite(
+            spec,
+            args,
+            &self.namespace,
+            self.values.as_ref(),
+            &mut self.up_out,
+            &mut self.key_scratch,
+        );
+        let plan = match rewritten {
+            Ok(plan) => plan,
+            Err(e) => return self.refuse(&e.to_string()),
+        };
+        let plan = match self.transaction.as_mut() {
+            Some(transaction) => {
+                let queued = Plan {
+                    reply: command::ReplyShape::Plain,
+                    values: None,
+                    ..plan.clone()
+                };
+                transaction.plans.push(plan);
+                queued
             }
+            None => plan,
+        };
+        let deliver = self.take_delivery();
+        self.pending.push_back(Pending::Upstream { plan, deliver });
+    }
+
+    /// `MULTI`, `EXEC` and `DISCARD`, which open and close the list of plans
+    /// that `EXEC`'s reply is transformed by.
+    async fn transaction_command(&mut self, spec: &'static command::CommandSpec, args: &[Bytes]) {
+        match (spec.name, self.transaction.take()) {
+            ("multi", Some(open)) => {
+                self.transaction = Some(open);
+                self.refuse("ERR MULTI calls can not be nested");
+            }
+            ("multi", None) => {
+                self.forward(spec, args).await;
+                self.transaction = Some(Transaction::default());
+            }
+            ("exec", None) => self.reply_local(|w, out| w.error(out, "ERR EXEC without MULTI")),
+            ("discard", None) => {
+                self.reply_local(|w, out| w.error(out, "ERR DISCARD without MULTI"))
+            }
+            ("exec", Some(transaction)) if transaction.aborted => {
+                frame::put_request(&mut self.up_out, [&b"DISCARD"[..]].into_iter());
+                self.pending.push_back(Pending::Internal);
+                self.reply_local(|w, out| {
+                    w.error(
+                        out,
+                        "EXECABORT Transaction discarded because of previous errors.",
+                    )
+                });
+            }
+            ("exec", Some(transaction)) => {
+                frame::put_request(&mut self.up_out, [&b"EXEC"[..]].into_iter());
+                let deliver = self.take_delivery();
+                self.pending.push_back(Pending::Exec {
+                    plans: transaction.plans,
+                    deliver,
+                });
+            }
+            _ => self.forward(spec, args).await,
         }
     }
 
@@ -666,6 +748,7 @@ impl Session {
             }
         }
         self.identity = None;
+        self.transaction = None;
         self.values = None;
         self.namespace = Arc::new(Namespace::shared());
         self.writer.resp3 = false;
@@ -785,6 +868,11 @@ impl Session {
                         }
                     }
                 }
+                Some(Pending::Exec { plans, deliver }) => {
+                    if deliver {
+                        reply::transform_exec(&plans, raw, link.resp3, &mut self.client_out)?;
+                    }
+                }
                 Some(Pending::Hello { resp3, deliver }) => {
                     if raw.first() != Some(&b'-') {
                         link.resp3 = resp3;
@@ -824,12 +912,16 @@ impl Session {
         self.up_out.clear();
         for entry in std::mem::take(&mut self.pending) {
             match entry {
-                Pending::Upstream { deliver: true, .. } | Pending::Hello { deliver: true, .. } => {
-                    self.writer
-                        .error(&mut self.client_out, "ERR upstream connection lost")
-                }
+                Pending::Upstream { deliver: true, .. }
+                | Pending::Exec { deliver: true, .. }
+                | Pending::Hello { deliver: true, .. } => self
+                    .writer
+                    .error(&mut self.client_out, "ERR upstream connection lost"),
                 Pending::Ready(reply) => self.client_out.extend_from_slice(&reply),
-                Pending::Upstream { .. } | Pending::Hello { .. } | Pending::Internal => {}
+                Pending::Upstream { .. }
+                | Pending::Exec { .. }
+                | Pending::Hello { .. }
+                | Pending::Internal => {}
             }
         }
         self.closing = true;

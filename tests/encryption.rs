@@ -409,3 +409,58 @@ mod spec_decoder {
         }
     }
 }
+
+#[test]
+fn replies_inside_exec_are_opened_per_queued_command() {
+    let s = start_sealed("");
+    let mut c = s.proxy.login(&ALICE);
+    assert_eq!(c.cmd(&["MULTI"]), b"+OK\r\n");
+    assert_eq!(c.cmd(&["SET", "a", "va"]), b"+QUEUED\r\n");
+    assert_eq!(c.cmd(&["GET", "a"]), b"+QUEUED\r\n");
+    assert_eq!(c.cmd(&["PING"]), b"+QUEUED\r\n");
+    assert_eq!(c.cmd(&["KEYS", "*"]), b"+QUEUED\r\n");
+    assert_eq!(c.cmd(&["INCR", "a"]), b"+QUEUED\r\n");
+    let exec = c.cmd(&["EXEC"]);
+    let expected = [
+        b"*5\r\n+OK\r\n".to_vec(),
+        bulk("va"),
+        b"+PONG\r\n".to_vec(),
+        b"*1\r\n".to_vec(),
+        bulk("a"),
+        b"-ERR value is not an integer or out of range\r\n".to_vec(),
+    ]
+    .concat();
+    assert_eq!(
+        String::from_utf8_lossy(&exec),
+        String::from_utf8_lossy(&expected)
+    );
+}
+
+#[test]
+fn a_refused_command_inside_multi_makes_exec_fail() {
+    let s = start_sealed("");
+    let mut c = s.proxy.login(&ALICE);
+    assert_eq!(c.cmd(&["MULTI"]), b"+OK\r\n");
+    assert_eq!(c.cmd(&["SET", "a", "1"]), b"+QUEUED\r\n");
+    assert!(c.cmd(&["CONFIG", "GET", "*"]).starts_with(b"-ERR"));
+    assert_eq!(
+        c.cmd(&["EXEC"]),
+        b"-EXECABORT Transaction discarded because of previous errors.\r\n"
+    );
+    assert_eq!(
+        c.cmd(&["GET", "a"]),
+        b"$-1\r\n",
+        "nothing of the transaction ran"
+    );
+    assert_eq!(c.cmd(&["EXEC"]), b"-ERR EXEC without MULTI\r\n");
+
+    // A WATCHed key changed by another client: EXEC returns null.
+    let mut other = s.proxy.login(&ALICE);
+    assert_eq!(c.cmd(&["WATCH", "w"]), b"+OK\r\n");
+    assert_eq!(other.cmd(&["SET", "w", "changed"]), b"+OK\r\n");
+    assert_eq!(c.cmd(&["MULTI"]), b"+OK\r\n");
+    assert_eq!(c.cmd(&["GET", "w"]), b"+QUEUED\r\n");
+    assert_eq!(c.cmd(&["EXEC"]), b"*-1\r\n");
+    assert_eq!(c.cmd(&["MULTI"]), b"+OK\r\n");
+    assert_eq!(c.cmd(&["DISCARD"]), b"+OK\r\n");
+}
