@@ -366,3 +366,65 @@ async fn the_redis_crate_pipelines_through_the_proxy() {
     assert_eq!(keys.len(), 11);
     assert!(keys.iter().all(|k| k.starts_with("p9")));
 }
+
+#[test]
+fn the_proxy_logs_in_to_a_password_protected_upstream() {
+    let redis = Redis::start_with(&["--requirepass", "upstream-secret"]);
+    let toml = config_toml(redis.port, USERS, "").replace(
+        "connect_timeout_ms = 1000\n",
+        "connect_timeout_ms = 1000\npassword = \"upstream-secret\"\n",
+    );
+    let proxy = Proxy::start_toml(&toml);
+    let mut c = proxy.login(&ALICE);
+    assert_eq!(c.cmd(&["SET", "k", "v"]), b"+OK\r\n");
+    assert_eq!(c.cmd(&["GET", "k"]), bulk("v"));
+    // RESET logs the client out, and the proxy's own upstream login survives.
+    assert_eq!(c.cmd(&["RESET"]), b"+RESET\r\n");
+    assert_eq!(c.cmd(&["AUTH", "alice", "alice-pw"]), b"+OK\r\n");
+    assert_eq!(c.cmd(&["GET", "k"]), bulk("v"));
+
+    // With a wrong upstream password, clients get a clear error.
+    let wrong = Proxy::start_toml(&toml.replace("upstream-secret", "nope"));
+    let mut d = wrong.login(&ALICE);
+    let reply = d.cmd(&["GET", "k"]);
+    assert!(
+        reply.starts_with(
+            b"-ERR upstream unavailable: the upstream refused the proxy's credentials"
+        ),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    let logs = wrong.logs().join("\n") + &proxy.logs().join("\n");
+    assert!(
+        !logs.contains("upstream-secret"),
+        "the upstream password never reaches the logs"
+    );
+}
+
+#[test]
+fn sighup_reloads_users_without_dropping_connections() {
+    let redis = Redis::start();
+    let proxy = Proxy::start_with(redis.port, &[ALICE], "");
+    let mut alice = proxy.login(&ALICE);
+    let mut c = proxy.raw();
+    assert!(c.cmd(&["AUTH", "bob", "bob-pw"]).starts_with(b"-WRONGPASS"));
+
+    std::fs::write(&proxy.config, config_toml(redis.port, &[ALICE, BOB], "")).unwrap();
+    proxy.signal("HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.cmd(&["AUTH", "bob", "bob-pw"]) != b"+OK\r\n" {
+        assert!(Instant::now() < deadline, "bob was not added by the reload");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        alice.cmd(&["PING"]),
+        b"+PONG\r\n",
+        "existing sessions stay open"
+    );
+
+    // A broken file keeps the running users.
+    std::fs::write(&proxy.config, "this is not toml [").unwrap();
+    proxy.signal("HUP");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(proxy.login(&BOB).cmd(&["PING"]), b"+PONG\r\n");
+}
