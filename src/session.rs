@@ -33,6 +33,10 @@ use crate::upstream::{BoxStream, Connector, UpstreamError};
 /// reading more requests (backpressure rather than unbounded buffering).
 const OUTPUT_HIGH_WATER: usize = 4 * 1024 * 1024;
 
+/// How long a session whose client has closed its side waits for the
+/// replies still owed to it.
+const LINGER_AFTER_EOF: Duration = Duration::from_secs(2);
+
 /// Requests in flight upstream before the session stops reading more.
 const MAX_IN_FLIGHT: usize = 64 * 1024;
 
@@ -241,6 +245,8 @@ impl Session {
         let idle_timer = tokio::time::sleep(idle.unwrap_or(Duration::MAX / 4));
         tokio::pin!(idle_timer);
 
+        let mut client_gone = false;
+
         let result = loop {
             if self.closing && self.pending.is_empty() && self.client_out.is_empty() {
                 break Ok(());
@@ -250,24 +256,26 @@ impl Session {
                 && self.up_out.len() < OUTPUT_HIGH_WATER
                 && self.pending.len() < MAX_IN_FLIGHT;
             let read_upstream = self.link.is_some() && self.client_out.len() < OUTPUT_HIGH_WATER;
-            let idle_armed = idle.is_some() && self.pending.is_empty() && !self.closing;
+            let idle_armed =
+                client_gone || (idle.is_some() && self.pending.is_empty() && !self.closing);
 
+            // Biased: output first, so that everything owed upstream is
+            // sent before a failing client write can end the session.
             tokio::select! {
-                read = client_rd.read_buf(&mut client_in), if read_client => {
-                    match read {
-                        Ok(0) => break Ok(()),
-                        Ok(_) => {}
-                        Err(e) => break Err(Fault::ClientIo(e)),
+                biased;
+                written = write_link(&mut self.link_writer, &mut self.up_out), if !self.up_out.is_empty() => {
+                    if let Err(e) = written {
+                        self.upstream_lost(&Fault::Upstream(UpstreamError::Io(e)));
                     }
-                    if let Some(timeout) = idle {
-                        idle_timer.as_mut().reset(Instant::now() + timeout);
+                }
+                written = client_wr.write_buf(&mut self.client_out), if !self.client_out.is_empty() => {
+                    if let Err(e) = written {
+                        break Err(Fault::ClientIo(e));
                     }
-                    if let Err(e) = self.take_requests(&mut client_in, &mut scanner).await {
-                        // Redis answers a protocol error, then closes once
-                        // the replies owed before it are written.
-                        debug!(error = %e, "client protocol error");
-                        self.reply_local(|w, out| w.error(out, &e.to_string()));
-                        self.closing = true;
+                    if self.client_out.is_empty()
+                        && let Err(e) = client_wr.flush().await
+                    {
+                        break Err(Fault::ClientIo(e));
                     }
                 }
                 read = read_link(&mut self.link), if read_upstream => {
@@ -281,19 +289,30 @@ impl Session {
                         Err(e) => self.upstream_lost(&Fault::Upstream(UpstreamError::Io(e))),
                     }
                 }
-                written = client_wr.write_buf(&mut self.client_out), if !self.client_out.is_empty() => {
-                    if let Err(e) = written {
-                        break Err(Fault::ClientIo(e));
+                read = client_rd.read_buf(&mut client_in), if read_client => {
+                    match read {
+                        // Requests already read still reach Redis, as they
+                        // would in Redis itself, and a half-closed client
+                        // gets their replies; but a blocked command is not
+                        // waited for longer than the linger time.
+                        Ok(0) => {
+                            client_gone = true;
+                            self.closing = true;
+                            idle_timer.as_mut().reset(Instant::now() + LINGER_AFTER_EOF);
+                            continue;
+                        }
+                        Ok(_) => {}
+                        Err(e) => break Err(Fault::ClientIo(e)),
                     }
-                    if self.client_out.is_empty()
-                        && let Err(e) = client_wr.flush().await
-                    {
-                        break Err(Fault::ClientIo(e));
+                    if let Some(timeout) = idle {
+                        idle_timer.as_mut().reset(Instant::now() + timeout);
                     }
-                }
-                written = write_link(&mut self.link_writer, &mut self.up_out), if !self.up_out.is_empty() => {
-                    if let Err(e) = written {
-                        self.upstream_lost(&Fault::Upstream(UpstreamError::Io(e)));
+                    if let Err(e) = self.take_requests(&mut client_in, &mut scanner).await {
+                        // Redis answers a protocol error, then closes once
+                        // the replies owed before it are written.
+                        debug!(error = %e, "client protocol error");
+                        self.reply_local(|w, out| w.error(out, &e.to_string()));
+                        self.closing = true;
                     }
                 }
                 _ = &mut idle_timer, if idle_armed => {

@@ -428,3 +428,26 @@ fn sighup_reloads_users_without_dropping_connections() {
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(proxy.login(&BOB).cmd(&["PING"]), b"+PONG\r\n");
 }
+
+#[test]
+fn requests_sent_just_before_the_client_closes_still_reach_redis() {
+    let redis = Redis::start();
+    let proxy = Proxy::start(redis.port);
+    let mut c = proxy.raw();
+    let mut batch = Raw::encode(&["AUTH", "alice", "alice-pw"]);
+    batch.extend(Raw::encode(&["SET", "last-words", "kept"]));
+    c.send_bytes(&batch);
+    c.shutdown_write();
+    assert_eq!(c.reply(), b"+OK\r\n");
+    assert_eq!(
+        c.reply(),
+        b"+OK\r\n",
+        "a half-closed client still gets its replies"
+    );
+    assert_eq!(
+        redis
+            .direct()
+            .cmd(&["GET", &format!("{}last-words", upstream_prefix("billing"))]),
+        bulk("kept")
+    );
+}

@@ -382,6 +382,13 @@ impl Raw {
         self.reply()
     }
 
+    /// Closes the sending side only, as `nc -q` does after its input.
+    pub fn shutdown_write(&mut self) {
+        self.stream
+            .shutdown(std::net::Shutdown::Write)
+            .expect("half-closing the connection");
+    }
+
     /// True once the peer has closed the connection (within the timeout).
     pub fn is_closed(&mut self) -> bool {
         self.try_reply().is_none()
