@@ -2,17 +2,16 @@
 //!
 //! The `keys` commands edit the file through [`KeyringFile`] (`generate`,
 //! `rotate`, `prune`, and `mark_retired` after a reencrypt), plain or sealed
-//! with a passphrase; the proxy loads it at startup and on `SIGHUP` and wraps
-//! it in a [`Sealer`], which the session calls to seal and open values with
-//! per-project keys derived once and cached.
+//! with a passphrase; the proxy and `reencrypt` load the configured keyring
+//! with [`load_configured`] and wrap it in a [`Sealer`] (module `sealer`).
 
-use std::collections::HashMap;
+use std::ffi::OsString;
 use std::fmt;
 use std::fs::{self, File, OpenOptions, Permissions};
 use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
@@ -21,7 +20,16 @@ use ring::rand::{SecureRandom, SystemRandom};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::crypto::{self, DEFAULT_MAX_PLAINTEXT, OpenError, ProjectKeys, SealError};
+use crate::config::EncryptionSettings;
+use crate::crypto::{self, ProjectKeys};
+
+/// The sealer moved to its own module; these names keep working.
+pub use crate::sealer::{Opened, Sealer};
+
+/// The environment variable that holds the passphrase of a
+/// passphrase-sealed keyring file, for the proxy and the `keys` commands
+/// alike. When it is set, `keys generate` seals the new file with it.
+pub const PASSPHRASE_VAR: &str = "REDCLOAK_KEYRING_PASSPHRASE";
 
 /// The id of the single key taken from `CACHE_ENCRYPTION_KEY`.
 pub const ENV_KEY_ID: &str = "env";
@@ -75,7 +83,10 @@ pub enum KeyringError {
     Exists { path: PathBuf },
 
     /// The file is passphrase-sealed and no passphrase was given.
-    #[error("keyring {} is sealed with a passphrase, and none was given", path.display())]
+    #[error(
+        "keyring {} is sealed with a passphrase: set {PASSPHRASE_VAR} to open it",
+        path.display()
+    )]
     PassphraseRequired { path: PathBuf },
 
     /// The passphrase does not open the sealed file (or the file was
@@ -97,7 +108,7 @@ pub enum KeyringError {
 
     /// `prune` would drop keys that values may still need.
     #[error(
-        "refusing to drop keys not marked retired ({}); run reencrypt first, or force",
+        "refusing to drop keys not marked retired ({}); run reencrypt first, or prune with --force",
         .0.join(", ")
     )]
     NotRetired(Vec<String>),
@@ -105,6 +116,55 @@ pub enum KeyringError {
     /// The operating system's random generator failed.
     #[error("the system random generator failed")]
     Randomness,
+
+    /// Neither `encryption.keyring` nor `encryption.key`
+    /// (`CACHE_ENCRYPTION_KEY`) is configured.
+    #[error("no keyring is configured: set encryption.keyring or CACHE_ENCRYPTION_KEY")]
+    NotConfigured,
+}
+
+/// The keyring the configuration names: the single key of `encryption.key`
+/// (`CACHE_ENCRYPTION_KEY`) if set, otherwise the `encryption.keyring`
+/// file, opened with the passphrase in [`PASSPHRASE_VAR`] when the file is
+/// sealed. A plain file ignores the variable.
+pub fn load_configured(settings: &EncryptionSettings) -> Result<Keyring, KeyringError> {
+    load_configured_with(settings, passphrase_from_env().as_deref())
+}
+
+/// [`load_configured`] with the passphrase given rather than read from the
+/// environment (tests cannot set variables safely).
+pub fn load_configured_with(
+    settings: &EncryptionSettings,
+    passphrase: Option<&[u8]>,
+) -> Result<Keyring, KeyringError> {
+    if settings.key.is_some() {
+        // The configuration accepts padded and unpadded base64 here, so
+        // its decoding is the one to follow.
+        let secret = settings
+            .decoded_key()
+            .map_err(|_| KeyringError::EnvKey)?
+            .ok_or(KeyringError::EnvKey)?;
+        return Ok(Keyring::from_env_secret(secret));
+    }
+
+    let path = settings
+        .keyring
+        .as_deref()
+        .ok_or(KeyringError::NotConfigured)?;
+    let file = KeyringFile::new(path);
+    match passphrase {
+        Some(passphrase) => file.with_passphrase(passphrase).load(),
+        None => file.load(),
+    }
+}
+
+/// The passphrase in [`PASSPHRASE_VAR`], as raw bytes (it need not be
+/// UTF-8). An empty variable counts as unset, as configuration variables
+/// do.
+pub fn passphrase_from_env() -> Option<Vec<u8>> {
+    std::env::var_os(PASSPHRASE_VAR)
+        .map(OsString::into_vec)
+        .filter(|bytes| !bytes.is_empty())
 }
 
 /// One key of the keyring.
@@ -172,7 +232,11 @@ impl Keyring {
     /// base64 of 32 bytes, surrounding whitespace ignored), with id `env`.
     pub fn from_env_key(b64: &str) -> Result<Keyring, KeyringError> {
         let secret = decode_secret(b64.trim()).ok_or(KeyringError::EnvKey)?;
-        Ok(Keyring {
+        Ok(Keyring::from_env_secret(secret))
+    }
+
+    fn from_env_secret(secret: [u8; SECRET_LEN]) -> Keyring {
+        Keyring {
             current: ENV_KEY_ID.to_owned(),
             keys: vec![Key {
                 id: ENV_KEY_ID.to_owned(),
@@ -180,7 +244,7 @@ impl Keyring {
                 secret,
                 retired_at: None,
             }],
-        })
+        }
     }
 
     /// The id new values are sealed under.
@@ -916,161 +980,6 @@ fn write_temp(temp: &Path, contents: &[u8]) -> io::Result<()> {
     file.sync_all()
 }
 
-/// Seals and opens values for every project with one keyring: the handle
-/// the session holds.
-///
-/// Safe to share between threads (`&self` everywhere). Per-project keys are
-/// derived on first use and cached for the life of the `Sealer`; the cache
-/// grows with (key ids x projects), both fixed by configuration. A reload
-/// builds a new `Sealer` and swaps it in, so the cache never holds keys of a
-/// removed secret.
-pub struct Sealer {
-    keyring: Keyring,
-    compression_threshold: usize,
-    strict: bool,
-    max_plaintext: usize,
-    /// Key id, then project, to keys. Nested so a lookup borrows `&str`
-    /// instead of building an owned pair. The lock is held only for a map
-    /// lookup or insert, never while deriving or sealing.
-    derived: RwLock<HashMap<String, HashMap<String, Arc<ProjectKeys>>>>,
-}
-
-/// The result of [`Sealer::open`]. `Debug` shows the kind and length only,
-/// never the bytes, so that logging one cannot leak a value.
-#[derive(PartialEq, Eq)]
-pub enum Opened<'a> {
-    /// The value was not sealed and is passed through unchanged.
-    Plain(&'a [u8]),
-    /// The plaintext of a sealed value.
-    Sealed(Vec<u8>),
-}
-
-impl Opened<'_> {
-    pub fn as_bytes(&self) -> &[u8] {
-        match self {
-            Opened::Plain(bytes) => bytes,
-            Opened::Sealed(bytes) => bytes,
-        }
-    }
-
-    pub fn into_vec(self) -> Vec<u8> {
-        match self {
-            Opened::Plain(bytes) => bytes.to_vec(),
-            Opened::Sealed(bytes) => bytes,
-        }
-    }
-}
-
-impl fmt::Debug for Opened<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Opened::Plain(bytes) => write!(f, "Plain({} bytes)", bytes.len()),
-            Opened::Sealed(bytes) => write!(f, "Sealed({} bytes)", bytes.len()),
-        }
-    }
-}
-
-impl Sealer {
-    /// `compression_threshold`: plaintexts longer than this are compressed
-    /// when that saves 10% (`usize::MAX` never compresses). `strict`: values
-    /// without the magic are refused instead of passed through. Opened values
-    /// are limited to [`DEFAULT_MAX_PLAINTEXT`] bytes.
-    pub fn new(keyring: Keyring, compression_threshold: usize, strict: bool) -> Sealer {
-        Sealer {
-            keyring,
-            compression_threshold,
-            strict,
-            max_plaintext: DEFAULT_MAX_PLAINTEXT,
-            derived: RwLock::new(HashMap::new()),
-        }
-    }
-
-    /// Changes the largest plaintext `open` returns.
-    pub fn with_max_plaintext(mut self, max_plaintext: usize) -> Sealer {
-        self.max_plaintext = max_plaintext;
-        self
-    }
-
-    pub fn keyring(&self) -> &Keyring {
-        &self.keyring
-    }
-
-    /// Seals `plaintext` for `project` under the current key.
-    pub fn seal(&self, project: &str, plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
-        let key_id = self.keyring.current_id();
-        let keys = self
-            .project_keys(key_id, project)
-            .expect("keyring invariant: the current key is in the keyring");
-        crypto::seal(&keys, key_id, plaintext, self.compression_threshold)
-    }
-
-    /// Opens a value read for `project`. A value without the magic is
-    /// returned as it is (borrowed), or refused with
-    /// [`OpenError::NotSealed`] when strict.
-    pub fn open<'a>(&self, project: &str, value: &'a [u8]) -> Result<Opened<'a>, OpenError> {
-        if !crypto::is_sealed(value) {
-            if self.strict {
-                return Err(OpenError::NotSealed);
-            }
-            return Ok(Opened::Plain(value));
-        }
-
-        let header = crypto::parse_header(value)?;
-        let keys = self
-            .project_keys(header.key_id, project)
-            .ok_or_else(|| OpenError::UnknownKey(header.key_id.to_owned()))?;
-        crypto::open(&keys, value, self.max_plaintext).map(Opened::Sealed)
-    }
-
-    /// Whether `value` is sealed under a key other than the current one, so
-    /// that `reencrypt` should rewrite it. Plain and malformed values are
-    /// not: there is no key to move them from.
-    pub fn needs_reencrypt(&self, value: &[u8]) -> bool {
-        crypto::is_sealed(value)
-            && crypto::parse_header(value)
-                .is_ok_and(|header| header.key_id != self.keyring.current_id())
-    }
-
-    /// The keys of `project` under key `key_id`, derived on first use.
-    /// `None` if the keyring has no such key.
-    pub fn project_keys(&self, key_id: &str, project: &str) -> Option<Arc<ProjectKeys>> {
-        let secret = self.keyring.secret(key_id)?;
-
-        // A panic elsewhere cannot leave the map half-updated, so a poisoned
-        // lock is still safe to use.
-        let cached = self
-            .derived
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(key_id)
-            .and_then(|projects| projects.get(project))
-            .cloned();
-        if cached.is_some() {
-            return cached;
-        }
-
-        let keys = Arc::new(ProjectKeys::derive(secret, project));
-        let mut derived = self.derived.write().unwrap_or_else(PoisonError::into_inner);
-        let entry = derived
-            .entry(key_id.to_owned())
-            .or_default()
-            .entry(project.to_owned())
-            .or_insert(keys);
-        Some(Arc::clone(entry))
-    }
-}
-
-impl fmt::Debug for Sealer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Sealer")
-            .field("keyring", &self.keyring)
-            .field("compression_threshold", &self.compression_threshold)
-            .field("strict", &self.strict)
-            .field("max_plaintext", &self.max_plaintext)
-            .finish_non_exhaustive()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1401,100 +1310,6 @@ mod tests {
     }
 
     #[test]
-    fn sealer_round_trips_and_passes_plain_values_through() {
-        let sealer = Sealer::new(Keyring::from_env_key(SECRET_B64).unwrap(), 1024, false);
-        let sealed = sealer.seal("billing", b"invoice 42").unwrap();
-        assert_eq!(crypto::parse_header(&sealed).unwrap().key_id, "env");
-        assert_eq!(
-            sealer.open("billing", &sealed).unwrap(),
-            Opened::Sealed(b"invoice 42".to_vec())
-        );
-
-        assert_eq!(
-            format!("{:?}", sealer.open("billing", &sealed).unwrap()),
-            "Sealed(10 bytes)"
-        );
-
-        let counter = b"17";
-        assert!(matches!(sealer.open("billing", counter), Ok(Opened::Plain(v)) if v == counter));
-        assert!(matches!(
-            sealer.open("shipping", &sealed),
-            Err(OpenError::Integrity)
-        ));
-    }
-
-    #[test]
-    fn strict_sealer_refuses_plain_values() {
-        let sealer = Sealer::new(Keyring::from_env_key(SECRET_B64).unwrap(), 1024, true);
-        assert!(matches!(
-            sealer.open("billing", b"17"),
-            Err(OpenError::NotSealed)
-        ));
-        let sealed = sealer.seal("billing", b"17").unwrap();
-        assert_eq!(sealer.open("billing", &sealed).unwrap().as_bytes(), b"17");
-    }
-
-    #[test]
-    fn rotation_keeps_old_values_readable_and_flags_them_for_reencrypt() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("keyring.json");
-        let before = Sealer::new(Keyring::generate(&path).unwrap(), 1024, false);
-        let old_value = before.seal("billing", b"old").unwrap();
-        assert!(!before.needs_reencrypt(&old_value));
-
-        let after = Sealer::new(Keyring::rotate(&path).unwrap(), 1024, false);
-        let new_value = after.seal("billing", b"new").unwrap();
-        assert_eq!(
-            after.open("billing", &old_value).unwrap().into_vec(),
-            b"old"
-        );
-        assert!(after.needs_reencrypt(&old_value));
-        assert!(!after.needs_reencrypt(&new_value));
-        assert!(!after.needs_reencrypt(b"plain"));
-
-        let old_id = before.keyring().current_id().to_owned();
-        Keyring::mark_retired(&path, std::slice::from_ref(&old_id)).unwrap();
-        Keyring::prune(&path, 0, false).unwrap();
-        let pruned = Sealer::new(Keyring::load(&path).unwrap(), 1024, false);
-        assert!(matches!(
-            pruned.open("billing", &old_value),
-            Err(OpenError::UnknownKey(id)) if id == old_id
-        ));
-    }
-
-    #[test]
-    fn sealer_derives_each_project_key_once_and_serves_many_threads() {
-        let sealer = Sealer::new(Keyring::from_env_key(SECRET_B64).unwrap(), 16, false);
-        let first = sealer.project_keys("env", "billing").unwrap();
-        assert!(Arc::ptr_eq(
-            &first,
-            &sealer.project_keys("env", "billing").unwrap()
-        ));
-        assert!(!Arc::ptr_eq(
-            &first,
-            &sealer.project_keys("env", "shipping").unwrap()
-        ));
-        assert!(sealer.project_keys("missing", "billing").is_none());
-
-        std::thread::scope(|scope| {
-            for thread in 0..8 {
-                let sealer = &sealer;
-                scope.spawn(move || {
-                    let project = format!("project-{}", thread % 3);
-                    for round in 0..200 {
-                        let plaintext = format!("value {thread} {round} ").repeat(round % 7);
-                        let sealed = sealer.seal(&project, plaintext.as_bytes()).unwrap();
-                        let opened = sealer.open(&project, &sealed).unwrap();
-                        assert_eq!(opened.as_bytes(), plaintext.as_bytes());
-                    }
-                });
-            }
-        });
-        let cached = sealer.derived.read().unwrap();
-        assert_eq!(cached["env"].len(), 5);
-    }
-
-    #[test]
     fn passphrase_sealed_keyring_needs_the_right_passphrase() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("keyring.json");
@@ -1606,6 +1421,62 @@ mod tests {
         let printed = format!("{:?}", KeyringFile::new(path).with_passphrase(b"hunter2"));
         assert!(!printed.contains("hunter2"));
         assert!(!printed.contains("104, 117"), "nor its bytes");
+    }
+
+    #[test]
+    fn configured_keyring_comes_from_the_env_key_or_the_file() {
+        let env_key = |key: &str| EncryptionSettings {
+            key: Some(key.to_owned()),
+            ..EncryptionSettings::default()
+        };
+        for key in [SECRET_B64, SECRET_B64.trim_end_matches('=')] {
+            let keyring = load_configured_with(&env_key(key), None).unwrap();
+            assert_eq!(keyring.current_id(), ENV_KEY_ID);
+            assert_eq!(keyring.secret(ENV_KEY_ID).unwrap()[31], 0x1f);
+        }
+        assert!(matches!(
+            load_configured_with(&env_key("AAAA"), None),
+            Err(KeyringError::EnvKey)
+        ));
+        assert!(matches!(
+            load_configured_with(&EncryptionSettings::default(), None),
+            Err(KeyringError::NotConfigured)
+        ));
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyring.json");
+        write_with_mode(&path, &spec_document(), 0o600);
+        let file = EncryptionSettings {
+            keyring: Some(path),
+            ..EncryptionSettings::default()
+        };
+        let plain = load_configured_with(&file, Some(b"ignored for a plain file")).unwrap();
+        assert_eq!(plain.current_id(), "k2");
+    }
+
+    #[test]
+    fn configured_sealed_keyring_needs_the_passphrase_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyring.json");
+        let generated = KeyringFile::new(&path)
+            .with_passphrase(b"pass")
+            .with_iterations(1_000)
+            .generate()
+            .unwrap();
+        let settings = EncryptionSettings {
+            keyring: Some(path),
+            ..EncryptionSettings::default()
+        };
+
+        let refused = load_configured_with(&settings, None).unwrap_err();
+        assert!(matches!(refused, KeyringError::PassphraseRequired { .. }));
+        assert!(refused.to_string().contains(PASSPHRASE_VAR), "{refused}");
+        assert!(matches!(
+            load_configured_with(&settings, Some(b"wrong")),
+            Err(KeyringError::WrongPassphrase { .. })
+        ));
+        let loaded = load_configured_with(&settings, Some(b"pass")).unwrap();
+        assert_eq!(loaded.list(), generated.list());
     }
 
     #[test]

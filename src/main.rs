@@ -1,4 +1,5 @@
-//! The `redcloak` command line: `serve`, `check-config`, `hash-password`.
+//! The `redcloak` command line: `serve`, `check-config`, `hash-password`,
+//! `keys` and `reencrypt`.
 //!
 //! Everything here is start-up and signal plumbing; the proxy itself lives in
 //! the library. Errors end the process with one line on standard error and
@@ -19,7 +20,9 @@ use tracing::{error, info, warn};
 
 use redcloak::auth::{self, Authenticator};
 use redcloak::config::{self, Settings};
-use redcloak::keyring::{Keyring, Sealer};
+use redcloak::keyring::{self, KeyringFile, Sealer};
+use redcloak::keys_cli::{self, KeysCommand};
+use redcloak::reencrypt;
 use redcloak::session::{Encryption, SessionLimits, Shared};
 use redcloak::upstream::Connector;
 use redcloak::{listener, shutdown};
@@ -58,6 +61,20 @@ enum Command {
         #[arg(long, default_value_t = auth::DEFAULT_ITERATIONS)]
         iterations: u32,
     },
+    /// Create, rotate, list and prune keyring files.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Rewrite values sealed under old keys with the current key, online.
+    Reencrypt {
+        /// The TOML configuration file.
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Only this project (old keys are then never marked retired).
+        #[arg(long)]
+        project: Option<String>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -72,6 +89,8 @@ fn main() -> ExitCode {
         Command::Serve { config, log_format } => serve(&config, log_format),
         Command::CheckConfig { config } => check_config(&config),
         Command::HashPassword { iterations } => hash_password(iterations),
+        Command::Keys { command } => keys_cli::run(command),
+        Command::Reencrypt { config, project } => reencrypt(&config, project.as_deref()),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
@@ -108,6 +127,24 @@ fn hash_password(iterations: u32) -> anyhow::Result<()> {
         .read_line(&mut line)
         .context("reading the password from standard input")?;
     println!("{}", auth::hash_password_line(&line, iterations)?);
+    Ok(())
+}
+
+fn reencrypt(path: &Path, project: Option<&str>) -> anyhow::Result<()> {
+    let settings = load(path)?;
+    let progress = std::io::stderr().is_terminal();
+    let summary = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(reencrypt::run(&settings, project, progress))?;
+    println!("{summary}");
+    if summary.failures > 0 {
+        anyhow::bail!(
+            "{} values could not be re-encrypted; old keys stay in use",
+            summary.failures
+        );
+    }
     Ok(())
 }
 
@@ -225,12 +262,7 @@ fn encryption(settings: &Settings) -> anyhow::Result<Option<Encryption>> {
     if !enc.enabled {
         return Ok(None);
     }
-    let keyring = match (&enc.key, &enc.keyring) {
-        (Some(key), _) => Keyring::from_env_key(key),
-        (None, Some(path)) => Keyring::load(path),
-        (None, None) => anyhow::bail!("encryption is enabled but no key is configured"),
-    }
-    .context("loading the keyring")?;
+    let keyring = keyring::load_configured(enc).context("loading the keyring")?;
     let strict_projects = settings
         .projects
         .iter()
@@ -250,7 +282,15 @@ async fn rotate_periodically(path: PathBuf, shared: Arc<Shared>, interval: Durat
     loop {
         ticks.tick().await;
         let rotated = load(&path).and_then(|settings| match &settings.encryption.keyring {
-            Some(file) => Ok(Keyring::rotate(file)?),
+            Some(file) => {
+                let passphrase = keyring::passphrase_from_env();
+                let file = KeyringFile::new(file);
+                let file = match passphrase.as_deref() {
+                    Some(passphrase) => file.with_passphrase(passphrase),
+                    None => file,
+                };
+                Ok(file.rotate()?)
+            }
             None => {
                 anyhow::bail!("rotation needs a keyring file; CACHE_ENCRYPTION_KEY can't rotate")
             }

@@ -1,0 +1,269 @@
+//! The sealer: the handle that seals and opens values with one keyring.
+//!
+//! The session seals every value a client writes and opens every value the
+//! upstream returns through a [`Sealer`]; `reencrypt` uses one to move old
+//! values to the current key. It derives each project's keys once per key
+//! id and caches them; `crypto` does the byte work, `keyring` owns the
+//! secrets.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use crate::crypto::{self, DEFAULT_MAX_PLAINTEXT, OpenError, ProjectKeys, SealError};
+use crate::keyring::Keyring;
+
+/// Seals and opens values for every project with one keyring: the handle
+/// the session holds.
+///
+/// Safe to share between threads (`&self` everywhere). Per-project keys are
+/// derived on first use and cached for the life of the `Sealer`; the cache
+/// grows with (key ids x projects), both fixed by configuration. A reload
+/// builds a new `Sealer` and swaps it in, so the cache never holds keys of a
+/// removed secret.
+pub struct Sealer {
+    keyring: Keyring,
+    compression_threshold: usize,
+    strict: bool,
+    max_plaintext: usize,
+    /// Key id, then project, to keys. Nested so a lookup borrows `&str`
+    /// instead of building an owned pair. The lock is held only for a map
+    /// lookup or insert, never while deriving or sealing.
+    derived: RwLock<HashMap<String, HashMap<String, Arc<ProjectKeys>>>>,
+}
+
+/// The result of [`Sealer::open`]. `Debug` shows the kind and length only,
+/// never the bytes, so that logging one cannot leak a value.
+#[derive(PartialEq, Eq)]
+pub enum Opened<'a> {
+    /// The value was not sealed and is passed through unchanged.
+    Plain(&'a [u8]),
+    /// The plaintext of a sealed value.
+    Sealed(Vec<u8>),
+}
+
+impl Opened<'_> {
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Opened::Plain(bytes) => bytes,
+            Opened::Sealed(bytes) => bytes,
+        }
+    }
+
+    pub fn into_vec(self) -> Vec<u8> {
+        match self {
+            Opened::Plain(bytes) => bytes.to_vec(),
+            Opened::Sealed(bytes) => bytes,
+        }
+    }
+}
+
+impl fmt::Debug for Opened<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Opened::Plain(bytes) => write!(f, "Plain({} bytes)", bytes.len()),
+            Opened::Sealed(bytes) => write!(f, "Sealed({} bytes)", bytes.len()),
+        }
+    }
+}
+
+impl Sealer {
+    /// `compression_threshold`: plaintexts longer than this are compressed
+    /// when that saves 10% (`usize::MAX` never compresses). `strict`: values
+    /// without the magic are refused instead of passed through. Opened values
+    /// are limited to [`DEFAULT_MAX_PLAINTEXT`] bytes.
+    pub fn new(keyring: Keyring, compression_threshold: usize, strict: bool) -> Sealer {
+        Sealer {
+            keyring,
+            compression_threshold,
+            strict,
+            max_plaintext: DEFAULT_MAX_PLAINTEXT,
+            derived: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// Changes the largest plaintext `open` returns.
+    pub fn with_max_plaintext(mut self, max_plaintext: usize) -> Sealer {
+        self.max_plaintext = max_plaintext;
+        self
+    }
+
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
+    }
+
+    /// Seals `plaintext` for `project` under the current key.
+    pub fn seal(&self, project: &str, plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
+        let key_id = self.keyring.current_id();
+        let keys = self
+            .project_keys(key_id, project)
+            .expect("keyring invariant: the current key is in the keyring");
+        crypto::seal(&keys, key_id, plaintext, self.compression_threshold)
+    }
+
+    /// Opens a value read for `project`. A value without the magic is
+    /// returned as it is (borrowed), or refused with
+    /// [`OpenError::NotSealed`] when strict.
+    pub fn open<'a>(&self, project: &str, value: &'a [u8]) -> Result<Opened<'a>, OpenError> {
+        if !crypto::is_sealed(value) {
+            if self.strict {
+                return Err(OpenError::NotSealed);
+            }
+            return Ok(Opened::Plain(value));
+        }
+
+        let header = crypto::parse_header(value)?;
+        let keys = self
+            .project_keys(header.key_id, project)
+            .ok_or_else(|| OpenError::UnknownKey(header.key_id.to_owned()))?;
+        crypto::open(&keys, value, self.max_plaintext).map(Opened::Sealed)
+    }
+
+    /// Whether `value` is sealed under a key other than the current one, so
+    /// that `reencrypt` should rewrite it. Plain and malformed values are
+    /// not: there is no key to move them from.
+    pub fn needs_reencrypt(&self, value: &[u8]) -> bool {
+        crypto::is_sealed(value)
+            && crypto::parse_header(value)
+                .is_ok_and(|header| header.key_id != self.keyring.current_id())
+    }
+
+    /// The keys of `project` under key `key_id`, derived on first use.
+    /// `None` if the keyring has no such key.
+    pub fn project_keys(&self, key_id: &str, project: &str) -> Option<Arc<ProjectKeys>> {
+        let secret = self.keyring.secret(key_id)?;
+
+        // A panic elsewhere cannot leave the map half-updated, so a poisoned
+        // lock is still safe to use.
+        let cached = self
+            .derived
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(key_id)
+            .and_then(|projects| projects.get(project))
+            .cloned();
+        if cached.is_some() {
+            return cached;
+        }
+
+        let keys = Arc::new(ProjectKeys::derive(secret, project));
+        let mut derived = self.derived.write().unwrap_or_else(PoisonError::into_inner);
+        let entry = derived
+            .entry(key_id.to_owned())
+            .or_default()
+            .entry(project.to_owned())
+            .or_insert(keys);
+        Some(Arc::clone(entry))
+    }
+}
+
+impl fmt::Debug for Sealer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sealer")
+            .field("keyring", &self.keyring)
+            .field("compression_threshold", &self.compression_threshold)
+            .field("strict", &self.strict)
+            .field("max_plaintext", &self.max_plaintext)
+            .finish_non_exhaustive()
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET_B64: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+    #[test]
+    fn sealer_round_trips_and_passes_plain_values_through() {
+        let sealer = Sealer::new(Keyring::from_env_key(SECRET_B64).unwrap(), 1024, false);
+        let sealed = sealer.seal("billing", b"invoice 42").unwrap();
+        assert_eq!(crypto::parse_header(&sealed).unwrap().key_id, "env");
+        assert_eq!(
+            sealer.open("billing", &sealed).unwrap(),
+            Opened::Sealed(b"invoice 42".to_vec())
+        );
+
+        assert_eq!(
+            format!("{:?}", sealer.open("billing", &sealed).unwrap()),
+            "Sealed(10 bytes)"
+        );
+
+        let counter = b"17";
+        assert!(matches!(sealer.open("billing", counter), Ok(Opened::Plain(v)) if v == counter));
+        assert!(matches!(
+            sealer.open("shipping", &sealed),
+            Err(OpenError::Integrity)
+        ));
+    }
+
+    #[test]
+    fn strict_sealer_refuses_plain_values() {
+        let sealer = Sealer::new(Keyring::from_env_key(SECRET_B64).unwrap(), 1024, true);
+        assert!(matches!(
+            sealer.open("billing", b"17"),
+            Err(OpenError::NotSealed)
+        ));
+        let sealed = sealer.seal("billing", b"17").unwrap();
+        assert_eq!(sealer.open("billing", &sealed).unwrap().as_bytes(), b"17");
+    }
+
+    #[test]
+    fn rotation_keeps_old_values_readable_and_flags_them_for_reencrypt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyring.json");
+        let before = Sealer::new(Keyring::generate(&path).unwrap(), 1024, false);
+        let old_value = before.seal("billing", b"old").unwrap();
+        assert!(!before.needs_reencrypt(&old_value));
+
+        let after = Sealer::new(Keyring::rotate(&path).unwrap(), 1024, false);
+        let new_value = after.seal("billing", b"new").unwrap();
+        assert_eq!(
+            after.open("billing", &old_value).unwrap().into_vec(),
+            b"old"
+        );
+        assert!(after.needs_reencrypt(&old_value));
+        assert!(!after.needs_reencrypt(&new_value));
+        assert!(!after.needs_reencrypt(b"plain"));
+
+        let old_id = before.keyring().current_id().to_owned();
+        Keyring::mark_retired(&path, std::slice::from_ref(&old_id)).unwrap();
+        Keyring::prune(&path, 0, false).unwrap();
+        let pruned = Sealer::new(Keyring::load(&path).unwrap(), 1024, false);
+        assert!(matches!(
+            pruned.open("billing", &old_value),
+            Err(OpenError::UnknownKey(id)) if id == old_id
+        ));
+    }
+
+    #[test]
+    fn sealer_derives_each_project_key_once_and_serves_many_threads() {
+        let sealer = Sealer::new(Keyring::from_env_key(SECRET_B64).unwrap(), 16, false);
+        let first = sealer.project_keys("env", "billing").unwrap();
+        assert!(Arc::ptr_eq(
+            &first,
+            &sealer.project_keys("env", "billing").unwrap()
+        ));
+        assert!(!Arc::ptr_eq(
+            &first,
+            &sealer.project_keys("env", "shipping").unwrap()
+        ));
+        assert!(sealer.project_keys("missing", "billing").is_none());
+
+        std::thread::scope(|scope| {
+            for thread in 0..8 {
+                let sealer = &sealer;
+                scope.spawn(move || {
+                    let project = format!("project-{}", thread % 3);
+                    for round in 0..200 {
+                        let plaintext = format!("value {thread} {round} ").repeat(round % 7);
+                        let sealed = sealer.seal(&project, plaintext.as_bytes()).unwrap();
+                        let opened = sealer.open(&project, &sealed).unwrap();
+                        assert_eq!(opened.as_bytes(), plaintext.as_bytes());
+                    }
+                });
+            }
+        });
+        let cached = sealer.derived.read().unwrap();
+        assert_eq!(cached["env"].len(), 5);
+    }
+}
