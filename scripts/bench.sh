@@ -27,7 +27,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 
 redis_port=$(free_port)
 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
-  --dir "$work" --daemonize no >/dev/null &
+  --dir "$work" --daemonize no >/dev/null 2>&1 &
 pids+=($!)
 until redis-cli -p "$redis_port" ping >/dev/null 2>&1; do sleep 0.1; done
 
@@ -36,6 +36,7 @@ until redis-cli -p "$redis_port" ping >/dev/null 2>&1; do sleep 0.1; done
 hash=$(printf 'bench-pw\n' | target/release/redcloak hash-password --iterations 1000)
 key=$(head -c 32 /dev/urandom | base64)
 
+# Starts a proxy and sets proxy_port and proxy_pid.
 start_proxy() { # name, encryption section
   local port
   port=$(free_port)
@@ -54,15 +55,18 @@ password_hash = "$hash"
 project = "bench"
 access = "readwrite"
 TOML
-  RUST_LOG=warn target/release/redcloak serve --config "$work/$1.toml" 2>"$work/$1.log" &
-  pids+=($!)
+  RUST_LOG=warn target/release/redcloak serve --config "$work/$1.toml" >/dev/null 2>"$work/$1.log" &
+  proxy_pid=$!
+  pids+=("$proxy_pid")
   until redis-cli -p "$port" ping 2>/dev/null | grep -q NOAUTH; do sleep 0.1; done
-  echo "$port"
+  proxy_port=$port
 }
 
-plain_port=$(start_proxy plain "enabled = false")
-sealed_port=$(start_proxy sealed "enabled = true
-key = \"$key\"")
+start_proxy plain "enabled = false"
+plain_port=$proxy_port plain_pid=$proxy_pid
+start_proxy sealed "enabled = true
+key = \"$key\""
+sealed_port=$proxy_port sealed_pid=$proxy_pid
 
 # Prints "rps p50 p99" for one run.
 run_one() { # port, test, clients, pipeline, size, [password]
@@ -95,8 +99,8 @@ for scenario in "50 1 100" "50 16 100" "50 1 4096"; do
 done
 
 for target in plain sealed; do
-  pid_index=$([ "$target" = plain ] && echo 1 || echo 2)
-  pid=${pids[$pid_index]}
+  pid_var="${target}_pid"
+  pid=${!pid_var}
   rss=$(awk '/VmHWM/ { print $2 }' "/proc/$pid/status")
   cpu=$(awk '{ printf "%.1f", ($14 + $15) / 100 }' "/proc/$pid/stat")
   echo "proxy ($target): peak RSS ${rss} KiB, CPU ${cpu} s"

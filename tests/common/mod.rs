@@ -225,10 +225,19 @@ impl Proxy {
                 }
             }
         });
+        // Killed on drop even if start-up fails below.
+        let mut proxy = Proxy {
+            child: Some(child),
+            port: 0,
+            config,
+            stderr: rx,
+            _dir: dir,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
-        let port = loop {
+        proxy.port = loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = rx
+            let line = proxy
+                .stderr
                 .recv_timeout(left)
                 .expect("redcloak did not report its address");
             if line.contains("listening")
@@ -239,13 +248,7 @@ impl Proxy {
                 break port.trim().parse::<u16>().expect("port number in the log");
             }
         };
-        Proxy {
-            child: Some(child),
-            port,
-            config,
-            stderr: rx,
-            _dir: dir,
-        }
+        proxy
     }
 
     pub fn raw(&self) -> Raw {
