@@ -18,6 +18,7 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
 fi
 
 cargo build --release
+[ -f run/keyring.json ] || target/release/redcloak keys generate --keyring run/keyring.json
 cat <<'TXT'
 
 redcloak is starting on 127.0.0.1:6380. Connect with, for example:

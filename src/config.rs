@@ -1393,7 +1393,11 @@ mod tests {
         assert_eq!(s.server.listen, "127.0.0.1:6380");
         assert!(s.server.tls.is_none());
         assert_eq!(s.upstream.address, "127.0.0.1:6379");
-        assert!(!s.encryption.enabled);
+        assert!(s.encryption.enabled);
+        assert_eq!(
+            s.encryption.keyring.as_deref(),
+            Some(Path::new("run/keyring.json"))
+        );
         assert_eq!(s.audit.path, "run/audit.log");
         let users: Vec<_> = s
             .users
@@ -1413,7 +1417,7 @@ mod tests {
                 .iter()
                 .all(|u| hash_iterations(&u.password_hash) == Some(1000))
         );
-        assert_eq!(s.security_level(), SecurityLevel::Low);
+        assert_eq!(s.security_level(), SecurityLevel::Medium);
         let warnings = s.warnings();
         assert!(
             warnings
