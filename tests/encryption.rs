@@ -464,3 +464,72 @@ fn a_refused_command_inside_multi_makes_exec_fail() {
     assert_eq!(c.cmd(&["MULTI"]), b"+OK\r\n");
     assert_eq!(c.cmd(&["DISCARD"]), b"+OK\r\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_reencrypt_and_prune_under_a_concurrent_writer_lose_nothing() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let s = start_sealed("");
+    let old_id = Keyring::load(&s.keyring).unwrap().current_id().to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // The writer keeps overwriting 50 keys and remembers what was acknowledged.
+    let port = s.proxy.port;
+    let writer_stop = Arc::clone(&stop);
+    let writer = std::thread::spawn(move || {
+        let mut c = Raw::connect(port);
+        assert_eq!(c.cmd(&["AUTH", "alice", "alice-pw"]), b"+OK\r\n");
+        let mut acknowledged = vec![String::new(); 50];
+        let mut round = 0u64;
+        while !writer_stop.load(Ordering::Relaxed) || round < 3 {
+            for (i, slot) in acknowledged.iter_mut().enumerate() {
+                let value = format!("value-{i}-round-{round}");
+                assert_eq!(c.cmd(&["SET", &format!("k{i}"), &value]), b"+OK\r\n");
+                *slot = value;
+            }
+            round += 1;
+        }
+        acknowledged
+    });
+
+    std::thread::sleep(Duration::from_millis(200));
+    let new_id = Keyring::rotate(&s.keyring)
+        .unwrap()
+        .current_id()
+        .to_string();
+    s.proxy.signal("HUP");
+    wait_for_log(&s.proxy, "configuration reloaded");
+
+    // Old values move to the new key while the writer keeps writing.
+    let settings = redcloak::config::load(&s.proxy.config, &Default::default()).unwrap();
+    let mut retired = false;
+    for _ in 0..5 {
+        let summary = redcloak::reencrypt::run(&settings, None, false)
+            .await
+            .unwrap();
+        if matches!(
+            summary.retirement,
+            redcloak::reencrypt::Retirement::Retired(_)
+        ) {
+            retired = true;
+            break;
+        }
+    }
+    assert!(retired, "a clean re-encryption run retires the old key");
+    let dropped = Keyring::prune(&s.keyring, 0, false).unwrap();
+    assert_eq!(dropped, vec![old_id]);
+    s.proxy.signal("HUP");
+    wait_for_log(&s.proxy, "configuration reloaded");
+
+    stop.store(true, Ordering::Relaxed);
+    let acknowledged = writer.join().expect("the writer saw only successes");
+    let mut c = s.proxy.login(&ALICE);
+    for (i, value) in acknowledged.iter().enumerate() {
+        assert_eq!(c.cmd(&["GET", &format!("k{i}")]), bulk(value), "k{i}");
+        assert_eq!(
+            key_id_of(&raw_value(&s.redis, "billing", &format!("k{i}"))),
+            new_id
+        );
+    }
+}
