@@ -29,6 +29,11 @@ use crate::reply::{self, ReplyError};
 use crate::shutdown::Shutdown;
 use crate::upstream::{BoxStream, Connector, UpstreamError};
 
+mod local;
+mod transaction;
+
+use transaction::Transaction;
+
 /// Output waiting for a slow reader, per direction, before the session stops
 /// reading more requests (backpressure rather than unbounded buffering).
 const OUTPUT_HIGH_WATER: usize = 4 * 1024 * 1024;
@@ -146,20 +151,10 @@ struct Link {
 /// Why a session ends early.
 #[derive(Debug, thiserror::Error)]
 enum Fault {
-    #[error("client protocol error: {0}")]
-    Client(#[from] ProtocolError),
     #[error("client I/O: {0}")]
     ClientIo(std::io::Error),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
-}
-
-/// An open `MULTI`: the plans of the queued commands, in order.
-#[derive(Debug, Default)]
-struct Transaction {
-    plans: Vec<Plan>,
-    /// A command was refused while queueing: `EXEC` must fail, as in Redis.
-    aborted: bool,
 }
 
 /// `CLIENT REPLY` modes.
@@ -449,44 +444,6 @@ impl Session {
         self.pending.push_back(Pending::Upstream { plan, deliver });
     }
 
-    /// `MULTI`, `EXEC` and `DISCARD`, which open and close the list of plans
-    /// that `EXEC`'s reply is transformed by.
-    async fn transaction_command(&mut self, spec: &'static command::CommandSpec, args: &[Bytes]) {
-        match (spec.name, self.transaction.take()) {
-            ("multi", Some(open)) => {
-                self.transaction = Some(open);
-                self.refuse("ERR MULTI calls can not be nested");
-            }
-            ("multi", None) => {
-                self.forward(spec, args).await;
-                self.transaction = Some(Transaction::default());
-            }
-            ("exec", None) => self.reply_local(|w, out| w.error(out, "ERR EXEC without MULTI")),
-            ("discard", None) => {
-                self.reply_local(|w, out| w.error(out, "ERR DISCARD without MULTI"))
-            }
-            ("exec", Some(transaction)) if transaction.aborted => {
-                frame::put_request(&mut self.up_out, [&b"DISCARD"[..]].into_iter());
-                self.pending.push_back(Pending::Internal);
-                self.reply_local(|w, out| {
-                    w.error(
-                        out,
-                        "EXECABORT Transaction discarded because of previous errors.",
-                    )
-                });
-            }
-            ("exec", Some(transaction)) => {
-                frame::put_request(&mut self.up_out, [&b"EXEC"[..]].into_iter());
-                let deliver = self.take_delivery();
-                self.pending.push_back(Pending::Exec {
-                    plans: transaction.plans,
-                    deliver,
-                });
-            }
-            _ => self.forward(spec, args).await,
-        }
-    }
-
     /// The NOPERM reply for a user whose permission doesn't cover `spec`.
     fn permission_error(&self, spec: &command::CommandSpec) -> Option<String> {
         let identity = self.identity.as_ref()?;
@@ -501,139 +458,6 @@ impl Session {
                 identity.user, spec.name
             )
         })
-    }
-
-    async fn handle_local(&mut self, local: Local, args: &[Bytes]) {
-        match local {
-            Local::Auth => self.auth(args).await,
-            Local::Hello => self.hello(args).await,
-            Local::Quit => {
-                self.reply_local(|w, out| w.simple(out, "OK"));
-                self.closing = true;
-            }
-            Local::Reset => self.reset().await,
-            Local::Select => {
-                let reply = match args.get(1).map(|a| a.as_ref()) {
-                    Some(b"0") => Ok(()),
-                    Some(n) if std::str::from_utf8(n).is_ok_and(|t| t.parse::<i64>().is_ok()) => {
-                        Err("ERR DB index is out of range")
-                    }
-                    _ => Err("ERR value is not an integer or out of range"),
-                };
-                self.reply_local(|w, out| match reply {
-                    Ok(()) => w.simple(out, "OK"),
-                    Err(text) => w.error(out, text),
-                });
-            }
-            Local::Ping => {
-                let message = args.get(1).cloned();
-                self.reply_local(|w, out| match message {
-                    Some(m) => w.bulk(out, &m),
-                    None => w.simple(out, "PONG"),
-                });
-            }
-            Local::Echo => {
-                let message = args.get(1).cloned().unwrap_or_default();
-                self.reply_local(|w, out| w.bulk(out, &message));
-            }
-            Local::ClientSetName => {
-                let name = args.get(2).cloned().unwrap_or_default();
-                if name.iter().any(|&b| !(b'!'..=b'~').contains(&b)) {
-                    self.reply_local(|w, out| {
-                        w.error(out, "ERR Client names cannot contain spaces, newlines or special characters.")
-                    });
-                } else {
-                    self.name = (!name.is_empty()).then_some(name);
-                    self.reply_local(|w, out| w.simple(out, "OK"));
-                }
-            }
-            Local::ClientGetName => {
-                let name = self.name.clone();
-                self.reply_local(|w, out| match name {
-                    Some(n) => w.bulk(out, &n),
-                    None => w.null(out),
-                });
-            }
-            Local::ClientId => {
-                let id = self.id as i64;
-                self.reply_local(|w, out| w.integer(out, id));
-            }
-            Local::ClientSetInfo => {
-                let attribute = args.get(2).map(|a| a.to_ascii_lowercase());
-                let known = matches!(attribute.as_deref(), Some(b"lib-name" | b"lib-ver"));
-                let text = format!(
-                    "ERR Unrecognized option '{}'",
-                    String::from_utf8_lossy(args.get(2).map(|a| a.as_ref()).unwrap_or_default())
-                );
-                self.reply_local(|w, out| {
-                    if known {
-                        w.simple(out, "OK")
-                    } else {
-                        w.error(out, &text)
-                    }
-                });
-            }
-            Local::ClientInfo => {
-                let info = self.client_info();
-                self.reply_local(|w, out| w.verbatim(out, info.as_bytes()));
-            }
-            Local::ClientReply => {
-                let mode = args.get(2).map(|a| a.to_ascii_uppercase());
-                match mode.as_deref() {
-                    Some(b"ON") => {
-                        self.reply_mode = ReplyMode::On;
-                        self.reply_local(|w, out| w.simple(out, "OK"));
-                    }
-                    Some(b"OFF") => self.reply_mode = ReplyMode::Off,
-                    // The SKIP command itself gets no reply either.
-                    Some(b"SKIP") => self.reply_mode = ReplyMode::SkipNext,
-                    _ => self.reply_local(|w, out| w.error(out, "ERR syntax error")),
-                }
-            }
-            // These need upstream state shared with other projects, or
-            // emulations over the project's keys that come with the full
-            // command coverage; until then they are refused plainly.
-            Local::ClientNoEvict
-            | Local::ClientNoTouch
-            | Local::Command
-            | Local::CommandCount
-            | Local::CommandDocs
-            | Local::CommandInfo
-            | Local::CommandList
-            | Local::CommandGetKeys
-            | Local::Info
-            | Local::FlushDb
-            | Local::DbSize
-            | Local::RandomKey => {
-                let text = format!(
-                    "ERR '{}' is not supported by redcloak yet",
-                    display_name(args)
-                );
-                self.reply_local(|w, out| w.error(out, &text));
-            }
-        }
-    }
-
-    /// `AUTH [user] password`.
-    async fn auth(&mut self, args: &[Bytes]) {
-        let (user, password) = match args {
-            [_, password] => (Bytes::from_static(b"default"), password.clone()),
-            [_, user, password] => (user.clone(), password.clone()),
-            _ => {
-                self.reply_local(|w, out| w.error(out, "ERR syntax error"));
-                return;
-            }
-        };
-        if self.authenticate(&user, &password).await {
-            self.reply_local(|w, out| w.simple(out, "OK"));
-        } else {
-            self.reply_local(|w, out| {
-                w.error(
-                    out,
-                    "WRONGPASS invalid username-password pair or user is disabled.",
-                )
-            });
-        }
     }
 
     /// Verifies credentials and, on success, moves the session into the
@@ -673,128 +497,6 @@ impl Session {
         if !unchanged {
             self.values = encryption.map(|e| e.values_for(&identity.project));
         }
-    }
-
-    /// `HELLO [protover [AUTH user pass] [SETNAME name]]`.
-    async fn hello(&mut self, args: &[Bytes]) {
-        let mut version = None;
-        let mut credentials = None;
-        let mut set_name = None;
-        if let Some(v) = args.get(1) {
-            match v.as_ref() {
-                b"2" => version = Some(false),
-                b"3" => version = Some(true),
-                _ => {
-                    self.reply_local(|w, out| w.error(out, "NOPROTO unsupported protocol version"));
-                    return;
-                }
-            }
-        }
-        let mut i = 2;
-        while i < args.len() {
-            let option = args[i].to_ascii_uppercase();
-            match option.as_slice() {
-                b"AUTH" if i + 2 < args.len() => {
-                    credentials = Some((args[i + 1].clone(), args[i + 2].clone()));
-                    i += 3;
-                }
-                b"SETNAME" if i + 1 < args.len() => {
-                    set_name = Some(args[i + 1].clone());
-                    i += 2;
-                }
-                _ => {
-                    let text = format!(
-                        "ERR Syntax error in HELLO option '{}'",
-                        String::from_utf8_lossy(&args[i])
-                    );
-                    self.reply_local(|w, out| w.error(out, &text));
-                    return;
-                }
-            }
-        }
-
-        if let Some((user, password)) = credentials
-            && !self.authenticate(&user, &password).await
-        {
-            self.reply_local(|w, out| {
-                w.error(
-                    out,
-                    "WRONGPASS invalid username-password pair or user is disabled.",
-                )
-            });
-            return;
-        }
-        if self.identity.is_none() {
-            self.reply_local(|w, out| {
-                w.error(
-                    out,
-                    "NOAUTH HELLO must be called with the client already authenticated, otherwise the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the client and select the RESP protocol version at the same time",
-                )
-            });
-            return;
-        }
-        if let Some(name) = set_name {
-            self.name = (!name.is_empty()).then_some(name);
-        }
-
-        // The upstream link switches protocol at exactly this point of its
-        // reply stream, so HELLO travels upstream and its reply (the
-        // server's own description) comes back through the FIFO.
-        let resp3 = version.unwrap_or(self.writer.resp3);
-        if !self.ensure_link().await {
-            return;
-        }
-        self.writer.resp3 = resp3;
-        let proto: &[u8] = if resp3 { b"3" } else { b"2" };
-        frame::put_request(&mut self.up_out, [&b"HELLO"[..], proto].into_iter());
-        let deliver = self.take_delivery();
-        self.pending.push_back(Pending::Hello { resp3, deliver });
-    }
-
-    /// `RESET`: back to an unauthenticated RESP2 session. The upstream link
-    /// is reset too (leaving any transaction or watch behind) and logged in
-    /// again with the proxy's credentials.
-    async fn reset(&mut self) {
-        if self.link.is_some() {
-            frame::put_request(&mut self.up_out, [&b"RESET"[..]].into_iter());
-            self.pending.push_back(Pending::Internal);
-            if let Some(auth) = self.shared.upstream.auth_request() {
-                self.up_out.extend_from_slice(&auth);
-                self.pending.push_back(Pending::Internal);
-            }
-            if let Some(link) = self.link.as_mut() {
-                link.resp3 = false;
-            }
-        }
-        self.identity = None;
-        self.transaction = None;
-        self.values = None;
-        self.namespace = Arc::new(Namespace::shared());
-        self.writer.resp3 = false;
-        self.name = None;
-        self.reply_mode = ReplyMode::On;
-        self.reply_local(|w, out| w.simple(out, "RESET"));
-    }
-
-    fn client_info(&self) -> String {
-        let name = self
-            .name
-            .as_ref()
-            .map(|n| String::from_utf8_lossy(n).into_owned())
-            .unwrap_or_default();
-        let user = self
-            .identity
-            .as_ref()
-            .map(|i| i.user.to_string())
-            .unwrap_or_default();
-        format!(
-            "id={} addr={} name={} db=0 user={} resp={}\n",
-            self.id,
-            self.peer,
-            name,
-            user,
-            if self.writer.resp3 { 3 } else { 2 }
-        )
     }
 
     /// Connects the upstream link if the session has none yet. On failure
@@ -860,7 +562,11 @@ impl Session {
             return Ok(());
         };
         let limits = Limits::reply(self.shared.limits.max_request_bytes.saturating_mul(2));
-        while let Some(len) = link.scanner.measure(&link.input, &limits)? {
+        while let Some(len) = link
+            .scanner
+            .measure(&link.input, &limits)
+            .map_err(UpstreamError::Protocol)?
+        {
             let raw = link.input.split_to(len).freeze();
 
             // Push frames belong to no request; nothing the proxy allows
@@ -889,7 +595,8 @@ impl Session {
                 }
                 Some(Pending::Exec { plans, deliver }) => {
                     if deliver {
-                        reply::transform_exec(&plans, raw, link.resp3, &mut self.client_out)?;
+                        reply::transform_exec(&plans, raw, link.resp3, &mut self.client_out)
+                            .map_err(UpstreamError::Protocol)?;
                     }
                 }
                 Some(Pending::Hello { resp3, deliver }) => {
