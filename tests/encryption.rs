@@ -533,3 +533,37 @@ async fn rotation_reencrypt_and_prune_under_a_concurrent_writer_lose_nothing() {
         );
     }
 }
+
+#[test]
+fn rotation_interval_rotates_the_keyring_and_new_writes_use_the_new_key() {
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let keyring = dir.path().join("keyring.json");
+    Keyring::generate(&keyring).unwrap();
+    let first = Keyring::load(&keyring).unwrap().current_id().to_string();
+    let encryption = format!(
+        "enabled = true\nkeyring = \"{}\"\nrotation_interval_secs = 1\n",
+        keyring.display()
+    );
+    let proxy = Proxy::start_toml(&config_toml_with(redis.port, USERS, "", &encryption));
+    let mut c = proxy.login(&ALICE);
+    assert_eq!(c.cmd(&["SET", "before", "1"]), b"+OK\r\n");
+
+    wait_for_log(&proxy, "keyring rotated");
+    wait_for_log(&proxy, "configuration reloaded");
+    let rotated = Keyring::load(&keyring).unwrap();
+    assert_ne!(rotated.current_id(), first);
+    assert_eq!(c.cmd(&["SET", "after", "2"]), b"+OK\r\n");
+    let after_id = key_id_of(&raw_value(&redis, "billing", "after"));
+    assert!(
+        rotated
+            .list()
+            .iter()
+            .any(|k| k.id == after_id && k.id != first)
+    );
+    assert_eq!(
+        c.cmd(&["GET", "before"]),
+        bulk("1"),
+        "old values still open"
+    );
+}
