@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Installs what building and testing redcloak needs when it is missing:
-# redis-server and redis-tools (redis-cli, redis-benchmark) from Debian's
-# packages, and the rustfmt and clippy components. Safe to run repeatedly.
+# redis-server, redis-tools (redis-cli, redis-benchmark) and openssl (for
+# test certificates) from Debian's packages, and the rustfmt and clippy
+# components. Safe to run repeatedly.
 set -euo pipefail
 
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || missing+=(redis-tools)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -ne 0 ] && sudo="sudo"

@@ -21,4 +21,5 @@ pub mod reply;
 pub mod sealer;
 pub mod session;
 pub mod shutdown;
+pub mod tls;
 pub mod upstream;

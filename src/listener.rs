@@ -9,22 +9,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
-use tracing::{info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use crate::session::{self, Shared};
 use crate::shutdown::Shutdown;
+use crate::tls::{self, ServerTls};
+use crate::upstream::BoxStream;
 
 /// How long a failed `accept` (for example, out of file descriptors) backs
 /// off before trying again, at most.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Accepts clients on `listener` until `shutdown` is announced, then waits
-/// up to `grace` for open sessions to finish.
+/// up to `grace` for open sessions to finish. With `tls`, each client first
+/// completes a TLS handshake (bounded by [`tls::HANDSHAKE_TIMEOUT`]) inside
+/// its own task, so a slow handshake never delays the accept loop.
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
+    tls: Option<Arc<ServerTls>>,
     max_connections: usize,
     mut shutdown: Shutdown,
     grace: Duration,
@@ -67,8 +72,21 @@ pub async fn serve(
         let shared = Arc::clone(&shared);
         let session_shutdown = shutdown.clone();
         let done = done_tx.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            session::run(Box::new(socket), peer, shared, session_shutdown).await;
+            match tls {
+                None => session::run(Box::new(socket), peer, shared, session_shutdown).await,
+                Some(tls) => {
+                    if let Some((stream, identity)) = handshake(&tls, socket, peer).await {
+                        // The session's span nests in this one, so its log
+                        // lines carry the certificate's names.
+                        let span = tracing::debug_span!("tls", client.cert = %identity);
+                        session::run(stream, peer, shared, session_shutdown)
+                            .instrument(span)
+                            .await;
+                    }
+                }
+            }
             drop(permit);
             drop(done);
         });
@@ -81,5 +99,30 @@ pub async fn serve(
             grace_secs = grace.as_secs(),
             "sessions still open after the grace period"
         );
+    }
+}
+
+/// The server side of the TLS handshake; `None` (logged) when the client
+/// fails it, times out, or speaks plaintext to the TLS port.
+async fn handshake(
+    tls: &ServerTls,
+    socket: TcpStream,
+    peer: std::net::SocketAddr,
+) -> Option<(BoxStream, tls::PeerIdentity)> {
+    match tls.accept(socket, tls::HANDSHAKE_TIMEOUT).await {
+        Ok((stream, identity)) => {
+            let (_, conn) = stream.get_ref();
+            debug!(
+                client.addr = %peer,
+                version = ?conn.protocol_version(),
+                cipher = ?conn.negotiated_cipher_suite().map(|s| s.suite()),
+                "tls handshake done"
+            );
+            Some((Box::new(stream), identity))
+        }
+        Err(e) => {
+            warn!(client.addr = %peer, error = %e, "tls handshake failed");
+            None
+        }
     }
 }

@@ -15,8 +15,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use tokio::net::TcpListener;
-use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info, warn};
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tracing::{info, warn};
 
 use redcloak::auth::{self, Authenticator};
 use redcloak::config::{self, Settings};
@@ -24,6 +24,7 @@ use redcloak::keyring::{self, KeyringFile, Sealer};
 use redcloak::keys_cli::{self, KeysCommand};
 use redcloak::reencrypt;
 use redcloak::session::{Encryption, SessionLimits, Shared};
+use redcloak::tls::{ServerTls, UpstreamTls};
 use redcloak::upstream::Connector;
 use redcloak::{listener, shutdown};
 
@@ -112,6 +113,10 @@ fn load(path: &Path) -> anyhow::Result<Settings> {
 fn check_config(path: &Path) -> anyhow::Result<()> {
     let settings = load(path)?;
     Authenticator::new(&settings.users, 1)?;
+    if let Some(tls) = &settings.server.tls {
+        ServerTls::new(tls).context("server.tls")?;
+    }
+    UpstreamTls::from_settings(&settings.upstream).context("upstream.tls")?;
     println!("configuration ok: {}", path.display());
     println!("security level: {}", settings.security_level());
     for warning in settings.warnings() {
@@ -197,13 +202,24 @@ async fn run(path: PathBuf, settings: Settings) -> anyhow::Result<()> {
             "encryption on"
         );
     }
-    let shared = Arc::new(Shared::new(
-        auth,
-        Connector::new(&settings.upstream),
-        limits,
-        encryption,
-    ));
+    let server_tls = match &settings.server.tls {
+        Some(tls) => {
+            info!(
+                client_certificates = tls.client_ca.is_some(),
+                "tls listener"
+            );
+            Some(Arc::new(ServerTls::new(tls).context("server.tls")?))
+        }
+        None => None,
+    };
+    let mut connector = Connector::new(&settings.upstream);
+    if let Some(tls) = UpstreamTls::from_settings(&settings.upstream).context("upstream.tls")? {
+        info!(server_name = %tls.server_name(), "tls to the upstream");
+        connector = connector.with_tls(Arc::new(tls));
+    }
+    let shared = Arc::new(Shared::new(auth, connector, limits, encryption));
 
+    let signals = Signals::install()?;
     let socket = TcpListener::bind(&settings.server.listen)
         .await
         .with_context(|| format!("listening on {}", settings.server.listen))?;
@@ -218,10 +234,17 @@ async fn run(path: PathBuf, settings: Settings) -> anyhow::Result<()> {
                 Duration::from_secs(settings.encryption.rotation_interval_secs),
             ))
         });
-    let signals = tokio::spawn(watch_signals(path, Arc::clone(&shared), trigger));
+    let signals = tokio::spawn(watch_signals(
+        signals,
+        path,
+        Arc::clone(&shared),
+        server_tls.clone(),
+        trigger,
+    ));
     listener::serve(
         socket,
         shared,
+        server_tls,
         settings.server.max_connections,
         shutdown,
         Duration::from_secs(settings.server.shutdown_timeout_secs),
@@ -235,21 +258,46 @@ async fn run(path: PathBuf, settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGTERM and SIGINT announce shutdown; SIGHUP reloads the users.
-async fn watch_signals(path: PathBuf, shared: Arc<Shared>, trigger: shutdown::Trigger) {
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        error!("installing signal handlers failed; stop the proxy with SIGKILL");
-        return;
-    };
+/// The signals the proxy acts on. They are registered before the proxy
+/// reports that it is listening: until then SIGHUP keeps its default action,
+/// which ends the process, so a reload sent right after start-up would kill
+/// it.
+struct Signals {
+    term: Signal,
+    int: Signal,
+    hup: Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Signals> {
+        let install = |kind: SignalKind, name: &str| {
+            signal(kind).with_context(|| format!("installing the {name} handler"))
+        };
+        Ok(Signals {
+            term: install(SignalKind::terminate(), "SIGTERM")?,
+            int: install(SignalKind::interrupt(), "SIGINT")?,
+            hup: install(SignalKind::hangup(), "SIGHUP")?,
+        })
+    }
+}
+
+/// SIGTERM and SIGINT announce shutdown; SIGHUP reloads the users, the
+/// keyring and the certificates.
+async fn watch_signals(
+    mut signals: Signals,
+    path: PathBuf,
+    shared: Arc<Shared>,
+    server_tls: Option<Arc<ServerTls>>,
+    trigger: shutdown::Trigger,
+) {
     loop {
         tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            _ = hup.recv() => reload(&path, &shared),
+            _ = signals.term.recv() => break,
+            _ = signals.int.recv() => break,
+            _ = signals.hup.recv() => {
+                reload(&path, &shared);
+                reload_certificates(&path, server_tls.as_deref(), &shared);
+            }
         }
     }
     info!("shutdown signal received");
@@ -319,5 +367,41 @@ fn reload(path: &Path, shared: &Shared) {
         Err(e) => {
             warn!(error = %format!("{e:#}"), "reload failed; keeping the running configuration")
         }
+    }
+}
+
+/// Loads the TLS certificates and keys again, for handshakes from now on;
+/// open connections keep theirs. Each side keeps its running files if its
+/// new ones are unusable. Adding or removing a TLS section needs a restart.
+fn reload_certificates(path: &Path, server_tls: Option<&ServerTls>, shared: &Shared) {
+    let settings = match load(path) {
+        Ok(settings) => settings,
+        Err(e) => {
+            warn!(error = %format!("{e:#}"), "certificate reload failed; keeping the running ones");
+            return;
+        }
+    };
+
+    match (server_tls, &settings.server.tls) {
+        (Some(tls), Some(files)) => match tls.reload(files) {
+            Ok(()) => info!("server certificates reloaded"),
+            Err(e) => {
+                warn!(error = %e, "server certificate reload failed; keeping the running ones")
+            }
+        },
+        (None, None) => {}
+        _ => warn!("server.tls was added or removed: restart the proxy to apply it"),
+    }
+
+    let upstream_tls = settings.upstream.tls.as_ref().is_some_and(|t| t.enabled);
+    match shared.upstream.tls() {
+        Some(tls) if upstream_tls => match tls.reload_from(&settings.upstream) {
+            Ok(()) => info!("upstream certificates reloaded"),
+            Err(e) => {
+                warn!(error = %e, "upstream certificate reload failed; keeping the running ones")
+            }
+        },
+        None if !upstream_tls => {}
+        _ => warn!("upstream.tls was turned on or off: restart the proxy to apply it"),
     }
 }

@@ -7,16 +7,19 @@
 //! request handling.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tracing::warn;
 
 use crate::config::UpstreamSettings;
 use crate::frame::{self, Limits, ProtocolError, Scanner};
+use crate::tls::UpstreamTls;
 
-/// A byte stream in either direction: plain TCP today, TLS alongside it.
+/// A byte stream in either direction: plain TCP or TLS.
 pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 
@@ -39,6 +42,10 @@ pub enum UpstreamError {
     Io(#[from] std::io::Error),
     #[error("the upstream sent a malformed reply: {0}")]
     Protocol(#[from] ProtocolError),
+    /// The detail (which certificate, which name) is logged by the
+    /// connector, not sent to clients.
+    #[error("the tls handshake with the upstream failed")]
+    Tls,
 }
 
 /// Opens authenticated links to one upstream Redis.
@@ -47,6 +54,8 @@ pub struct Connector {
     username: Option<String>,
     password: Option<String>,
     connect_timeout: Duration,
+    /// `None` means plain TCP.
+    tls: Option<Arc<UpstreamTls>>,
 }
 
 impl fmt::Debug for Connector {
@@ -54,6 +63,7 @@ impl fmt::Debug for Connector {
         f.debug_struct("Connector")
             .field("address", &self.address)
             .field("authenticated", &self.password.is_some())
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -65,7 +75,20 @@ impl Connector {
             username: settings.username.clone(),
             password: settings.password.clone(),
             connect_timeout: Duration::from_millis(settings.connect_timeout_ms),
+            tls: None,
         }
+    }
+
+    /// Makes every link a TLS connection, verified and (with a client
+    /// certificate) authenticated as `tls` says.
+    pub fn with_tls(mut self, tls: Arc<UpstreamTls>) -> Connector {
+        self.tls = Some(tls);
+        self
+    }
+
+    /// The upstream TLS settings, so `SIGHUP` can reload their files.
+    pub fn tls(&self) -> Option<&Arc<UpstreamTls>> {
+        self.tls.as_ref()
     }
 
     /// Connects and, when credentials are configured, authenticates. The
@@ -76,7 +99,13 @@ impl Connector {
                 .await
                 .map_err(UpstreamError::Connect)?;
             tcp.set_nodelay(true)?;
-            let mut stream: BoxStream = Box::new(tcp);
+            let mut stream: BoxStream = match &self.tls {
+                Some(tls) => Box::new(tls.connect(tcp).await.map_err(|e| {
+                    warn!(error = %e, "upstream tls handshake failed");
+                    UpstreamError::Tls
+                })?),
+                None => Box::new(tcp),
+            };
             if let Some(mut auth) = self.auth_request() {
                 stream.write_all(&auth).await?;
                 auth.clear();

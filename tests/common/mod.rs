@@ -434,3 +434,222 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     std::fs::write(&path, text).expect("writing a test file");
     path
 }
+
+/// Development certificates from `certs/gen-certs.sh` in `dir`
+/// (`--force` makes new ones over old ones).
+pub fn gen_certs(dir: &Path, force: bool) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("certs/gen-certs.sh");
+    let mut command = Command::new("bash");
+    command.arg(script);
+    if force {
+        command.arg("--force");
+    }
+    let status = command
+        .arg(dir)
+        .stdout(Stdio::null())
+        .status()
+        .expect("running certs/gen-certs.sh (needs openssl)");
+    assert!(status.success(), "certs/gen-certs.sh failed");
+}
+
+/// `[server.tls]` with the proxy's certificate from `certs`, requiring
+/// client certificates signed by its CA when `client_ca` is set.
+pub fn server_tls_toml(certs: &Path, client_ca: bool) -> String {
+    let mut toml = format!(
+        "\n[server.tls]\ncert = {:?}\nkey = {:?}\n",
+        certs.join("server.crt"),
+        certs.join("server.key")
+    );
+    if client_ca {
+        toml.push_str(&format!("client_ca = {:?}\n", certs.join("ca.crt")));
+    }
+    toml
+}
+
+/// The DER of the first certificate in a PEM file.
+pub fn certificate_der(path: &Path) -> Vec<u8> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    CertificateDer::from_pem_file(path)
+        .expect("a PEM certificate")
+        .to_vec()
+}
+
+/// Waits up to `within` for a proxy log line containing `needle` and
+/// returns it; earlier lines are consumed.
+pub fn wait_for_log(proxy: &Proxy, needle: &str, within: Duration) -> Option<String> {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match proxy.stderr.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return Some(line),
+            Ok(_) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+/// A blocking TLS client that returns each reply as its exact bytes, like
+/// [`Raw`] but over rustls.
+pub struct TlsRaw {
+    stream: rustls::StreamOwned<rustls::ClientConnection, TcpStream>,
+    buf: BytesMut,
+    scanner: Scanner,
+}
+
+impl TlsRaw {
+    /// Connects to 127.0.0.1:`port`, trusting `ca`, with a client
+    /// certificate and key when given, and completes the handshake. With
+    /// TLS 1.3 a refused client certificate may only show on the first read.
+    pub fn connect(port: u16, ca: &Path, client: Option<(&Path, &Path)>) -> Result<TlsRaw, String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca).expect("reading the CA") {
+            roots
+                .add(cert.expect("a CA certificate"))
+                .expect("a usable CA");
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("protocol versions")
+            .with_root_certificates(roots);
+        let config = match client {
+            Some((cert, key)) => builder
+                .with_client_auth_cert(
+                    CertificateDer::pem_file_iter(cert)
+                        .expect("reading the client certificate")
+                        .map(|c| c.expect("a client certificate"))
+                        .collect(),
+                    PrivateKeyDer::from_pem_file(key).expect("reading the client key"),
+                )
+                .expect("a usable client certificate"),
+            None => builder.with_no_client_auth(),
+        };
+        let name = ServerName::try_from("127.0.0.1").expect("an IP server name");
+        let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name)
+            .map_err(|e| e.to_string())?;
+        let mut sock = TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("setting a read timeout");
+        while conn.is_handshaking() {
+            conn.complete_io(&mut sock).map_err(|e| e.to_string())?;
+        }
+        Ok(TlsRaw {
+            stream: rustls::StreamOwned::new(conn, sock),
+            buf: BytesMut::new(),
+            scanner: Scanner::for_replies(),
+        })
+    }
+
+    /// The DER of the certificate the server presented.
+    pub fn peer_certificate(&self) -> Vec<u8> {
+        self.stream
+            .conn
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .expect("the server presented a certificate")
+            .to_vec()
+    }
+
+    pub fn send(&mut self, args: &[&str]) -> std::io::Result<()> {
+        self.stream.write_all(&Raw::encode(args))?;
+        self.stream.flush()
+    }
+
+    /// Reads one reply frame; `Err` when the connection failed or closed.
+    pub fn try_reply(&mut self) -> Result<Vec<u8>, String> {
+        let limits = Limits::reply(1 << 30);
+        loop {
+            if let Some(len) = self
+                .scanner
+                .measure(&self.buf, &limits)
+                .map_err(|e| e.to_string())?
+            {
+                return Ok(self.buf.split_to(len).to_vec());
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return Err("connection closed".to_owned()),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+
+    /// Sends one command and returns its reply, or why there was none.
+    pub fn try_cmd(&mut self, args: &[&str]) -> Result<Vec<u8>, String> {
+        self.send(args).map_err(|e| e.to_string())?;
+        self.try_reply()
+    }
+
+    /// Sends one command and returns its reply; panics without one.
+    pub fn cmd(&mut self, args: &[&str]) -> Vec<u8> {
+        self.try_cmd(args).expect("a reply over TLS")
+    }
+}
+
+impl Redis {
+    /// Starts a TLS-only server (no plaintext port) with `redis.crt` from
+    /// `certs`, requiring client certificates signed by `ca.crt`, plus
+    /// `args`.
+    pub fn start_tls(certs: &Path, args: &[&str]) -> Redis {
+        for _ in 0..20 {
+            let port = free_port();
+            let mut all: Vec<String> = vec![
+                "--port".into(),
+                "0".into(),
+                "--tls-port".into(),
+                port.to_string(),
+                "--tls-auth-clients".into(),
+                "yes".into(),
+            ];
+            for (flag, file) in [
+                ("--tls-cert-file", "redis.crt"),
+                ("--tls-key-file", "redis.key"),
+                ("--tls-ca-cert-file", "ca.crt"),
+            ] {
+                all.push(flag.into());
+                all.push(certs.join(file).display().to_string());
+            }
+            all.extend(args.iter().map(|a| a.to_string()));
+            let child = Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+                .args(&all)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server must be installed");
+            let mut redis = Redis {
+                child: Some(child),
+                port,
+                args: all,
+                dir: tempfile::tempdir().expect("temporary directory"),
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                let client = Some((&*certs.join("redis.crt"), &*certs.join("redis.key")));
+                if let Ok(mut c) = TlsRaw::connect(port, &certs.join("ca.crt"), client)
+                    && c.try_cmd(&["PING"]).is_ok()
+                {
+                    return redis;
+                }
+                if let Some(Ok(Some(_))) = redis.child.as_mut().map(|c| c.try_wait()) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            redis.kill();
+        }
+        panic!("could not start a TLS redis-server on a free port");
+    }
+
+    /// A TLS client straight to a [`Redis::start_tls`] server, with the
+    /// Redis certificate as its client certificate.
+    pub fn direct_tls(&self, certs: &Path) -> TlsRaw {
+        let client = Some((&*certs.join("redis.crt"), &*certs.join("redis.key")));
+        TlsRaw::connect(self.port, &certs.join("ca.crt"), client).expect("a TLS connection")
+    }
+}
