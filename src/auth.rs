@@ -305,6 +305,8 @@ pub struct Authenticator {
 /// cache lives and dies with it.
 struct UserSet {
     by_name: HashMap<Vec<u8>, User>,
+    /// Users a verified client certificate logs in, by certificate name.
+    by_certificate: HashMap<String, Identity>,
     /// Checked when the name is unknown, so that an unknown user costs as
     /// much as a wrong password. It has a random key no password derives,
     /// and the highest configured iteration count. Users configured with
@@ -330,6 +332,7 @@ struct User {
 impl UserSet {
     fn build(users: &[UserSettings]) -> Result<UserSet, AuthError> {
         let mut by_name = HashMap::with_capacity(users.len());
+        let mut by_certificate = HashMap::new();
         let mut max_iterations = None;
 
         for (index, settings) in users.iter().enumerate() {
@@ -352,12 +355,16 @@ impl UserSet {
                     user: name.to_owned(),
                 });
             };
+            let identity = Identity {
+                user: Arc::from(name),
+                project: Arc::from(settings.project.as_str()),
+                permission: settings.access,
+            };
+            if let Some(cert) = &settings.client_cert {
+                by_certificate.insert(cert.clone(), identity.clone());
+            }
             slot.insert(User {
-                identity: Identity {
-                    user: Arc::from(name),
-                    project: Arc::from(settings.project.as_str()),
-                    permission: settings.access,
-                },
+                identity,
                 hash: Arc::new(hash),
                 hash_text: settings.password_hash.clone(),
             });
@@ -372,6 +379,7 @@ impl UserSet {
         };
         Ok(UserSet {
             by_name,
+            by_certificate,
             decoy: Arc::new(decoy),
             remembered: Mutex::new(HashSet::new()),
         })
@@ -434,6 +442,18 @@ impl Authenticator {
         let fresh = Arc::new(UserSet::build(users)?);
         *self.users.write().unwrap_or_else(PoisonError::into_inner) = fresh;
         Ok(())
+    }
+
+    /// The user a verified client certificate logs in, if one of its names
+    /// (subject common name first, then alternative names) is bound to a
+    /// user with `client_cert`. The caller must pass only names of a
+    /// certificate the TLS layer verified against the configured client CA.
+    pub fn identity_for_certificate(&self, names: &[String]) -> Option<Identity> {
+        let users = self.users.read().unwrap_or_else(PoisonError::into_inner);
+        names
+            .iter()
+            .find_map(|name| users.by_certificate.get(name))
+            .cloned()
     }
 
     /// Verifies a name/password pair, both arbitrary client bytes. Returns
@@ -559,6 +579,7 @@ mod tests {
             password_hash: PasswordHash::create(password, TEST_ITERATIONS).to_string(),
             project: format!("{name}-project"),
             access,
+            client_cert: None,
         }
     }
 

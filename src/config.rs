@@ -188,7 +188,8 @@ pub struct MetricsSettings {
     pub listen: Option<String>,
 }
 
-/// One client identity. All four fields are required.
+/// One client identity. `name`, `password_hash`, `project` and `access` are
+/// required.
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserSettings {
@@ -202,6 +203,12 @@ pub struct UserSettings {
     pub project: String,
     /// What the user may do inside the project.
     pub access: Permission,
+    /// A name in a client certificate (its subject common name or a subject
+    /// alternative name) that logs a connection in as this user without
+    /// `AUTH`. Only with `server.tls.client_ca`, which makes the proxy
+    /// verify client certificates; unique among users.
+    #[serde(default)]
+    pub client_cert: Option<String>,
 }
 
 /// What a user may do inside its project.
@@ -837,7 +844,31 @@ impl Settings {
 
     fn validate_users(&self) -> Result<(), ConfigError> {
         let mut seen: HashMap<&str, usize> = HashMap::new();
+        let mut certificates: HashMap<&str, usize> = HashMap::new();
+        let verifies_clients = self
+            .server
+            .tls
+            .as_ref()
+            .is_some_and(|tls| tls.client_ca.is_some());
         for (i, user) in self.users.iter().enumerate() {
+            if let Some(cert) = user.client_cert.as_deref() {
+                let field = format!("users[{i}].client_cert");
+                if cert.is_empty() {
+                    return Err(invalid(field, "must not be empty"));
+                }
+                if !verifies_clients {
+                    return Err(invalid(
+                        field,
+                        "needs server.tls.client_ca, so that client certificates are verified",
+                    ));
+                }
+                if let Some(first) = certificates.insert(cert, i) {
+                    return Err(invalid(
+                        field,
+                        format!("{cert:?} already logs in users[{first}]"),
+                    ));
+                }
+            }
             if user.name.is_empty() {
                 return Err(invalid(format!("users[{i}].name"), "must not be empty"));
             }
@@ -1196,6 +1227,7 @@ impl fmt::Debug for UserSettings {
             .field("password_hash", &Redacted)
             .field("project", &self.project)
             .field("access", &self.access)
+            .field("client_cert", &self.client_cert)
             .finish()
     }
 }
@@ -1338,6 +1370,7 @@ mod tests {
             password_hash: HASH.into(),
             project: "billing".into(),
             access: Permission::ReadWrite,
+            client_cert: None,
         });
         settings
     }
@@ -1889,12 +1922,23 @@ mod tests {
     }
 
     #[test]
+    fn certificate_bound_users_need_verified_client_certificates() {
+        let mut s = valid();
+        s.users[0].client_cert = Some("alice".into());
+        assert_eq!(
+            validate_err(&s),
+            "users[0].client_cert: needs server.tls.client_ca, so that client certificates are verified"
+        );
+    }
+
+    #[test]
     fn users_need_a_unique_name_a_project_and_a_pbkdf2_hash() {
         let user = |name: &str, project: &str, hash: &str| UserSettings {
             name: name.into(),
             password_hash: hash.into(),
             project: project.into(),
             access: Permission::Read,
+            client_cert: None,
         };
 
         let mut s = valid();

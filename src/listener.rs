@@ -75,13 +75,16 @@ pub async fn serve(
         let tls = tls.clone();
         tokio::spawn(async move {
             match tls {
-                None => session::run(Box::new(socket), peer, shared, session_shutdown).await,
+                None => session::run(Box::new(socket), peer, shared, None, session_shutdown).await,
                 Some(tls) => {
                     if let Some((stream, identity)) = handshake(&tls, socket, peer).await {
                         // The session's span nests in this one, so its log
                         // lines carry the certificate's names.
                         let span = tracing::debug_span!("tls", client.cert = %identity);
-                        session::run(stream, peer, shared, session_shutdown)
+                        // A verified certificate bound to a user logs in
+                        // without AUTH.
+                        let logged_in = shared.auth.identity_for_certificate(&identity.names);
+                        session::run(stream, peer, shared, logged_in, session_shutdown)
                             .instrument(span)
                             .await;
                     }
@@ -120,8 +123,14 @@ async fn handshake(
             );
             Some((Box::new(stream), identity))
         }
-        Err(e) => {
+        // A refused certificate is worth a warning; plaintext, silent or
+        // broken peers are routine on an exposed port.
+        Err(e @ tls::TlsError::ClientHandshake(_)) => {
             warn!(client.addr = %peer, error = %e, "tls handshake failed");
+            None
+        }
+        Err(e) => {
+            debug!(client.addr = %peer, error = %e, "tls handshake failed");
             None
         }
     }

@@ -187,8 +187,16 @@ struct Session {
     key_scratch: Vec<usize>,
 }
 
-/// Runs one client session to its end.
-pub async fn run(stream: BoxStream, peer: SocketAddr, shared: Arc<Shared>, shutdown: Shutdown) {
+/// Runs one client session to its end. `logged_in` is the user a verified
+/// client certificate logged in, if any; other sessions start
+/// unauthenticated.
+pub async fn run(
+    stream: BoxStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    logged_in: Option<Identity>,
+    shutdown: Shutdown,
+) {
     let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed);
     let span = tracing::debug_span!(
         "session",
@@ -200,6 +208,9 @@ pub async fn run(stream: BoxStream, peer: SocketAddr, shared: Arc<Shared>, shutd
     async move {
         debug!("connection opened");
         let mut session = Session::new(id, peer, shared);
+        if let Some(identity) = logged_in {
+            session.log_in(identity);
+        }
         match session.serve(stream, shutdown).await {
             Ok(()) => debug!("connection closed"),
             Err(e) => debug!(error = %e, "connection closed"),
@@ -467,6 +478,12 @@ impl Session {
             debug!("authentication failed");
             return false;
         };
+        self.log_in(identity);
+        true
+    }
+
+    /// Moves the session into the user's project.
+    fn log_in(&mut self, identity: Identity) {
         let span = tracing::Span::current();
         span.record("project", &*identity.project);
         span.record("user", &*identity.user);
@@ -479,7 +496,6 @@ impl Session {
         self.identity = Some(identity);
         self.values = None;
         self.refresh_values();
-        true
     }
 
     /// Takes the current encryption settings for the session's project, so

@@ -354,3 +354,37 @@ fn a_wrong_upstream_server_name_fails_the_request_and_is_logged() {
     .expect("the reason is logged");
     assert!(line.contains("cache.example"), "{line}");
 }
+
+#[test]
+fn a_verified_client_certificate_bound_to_a_user_logs_in_without_auth() {
+    let certs = fresh_certs();
+    let ca = certs.path().join("ca.crt");
+    let redis = Redis::start();
+    // The development client certificate's subject CN is "alice".
+    let mut toml = config_toml(redis.port, USERS, "").replacen(
+        "name = \"alice\"\n",
+        "name = \"alice\"\nclient_cert = \"alice\"\n",
+        1,
+    );
+    toml.push_str(&server_tls_toml(certs.path(), true));
+    let proxy = Proxy::start_toml(&toml);
+
+    let (cert, key) = client_pair(certs.path());
+    let mut c = TlsRaw::connect(proxy.port, &ca, Some((&cert, &key))).expect("handshake");
+    assert_eq!(c.cmd(&["SET", "from-cert", "yes"]), b"+OK\r\n");
+    let key_name = format!("{}from-cert", upstream_prefix(ALICE.project));
+    assert_eq!(redis.direct().cmd(&["GET", &key_name]), bulk("yes"));
+    // AUTH still switches users, as in Redis.
+    assert_eq!(c.cmd(&["AUTH", BOB.name, BOB.password]), b"+OK\r\n");
+    assert_eq!(c.cmd(&["GET", "from-cert"]), b"$-1\r\n");
+
+    // Without a binding, a verified certificate still needs AUTH.
+    let unbound = Proxy::start_toml(
+        &(config_toml(redis.port, USERS, "") + &server_tls_toml(certs.path(), true)),
+    );
+    let mut d = TlsRaw::connect(unbound.port, &ca, Some((&cert, &key))).expect("handshake");
+    assert_eq!(
+        d.cmd(&["GET", "from-cert"]),
+        b"-NOAUTH Authentication required.\r\n"
+    );
+}
