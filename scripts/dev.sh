@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Starts a development setup: a local redis-server on 127.0.0.1:6379 (unless
 # one is already answering there) and redcloak in front of it on port 6380
-# with config/dev.toml. Stop with Ctrl-C.
+# with config/dev.toml: a TLS listener with certificates from
+# certs/gen-certs.sh and values sealed with a keyring in run/. Stop with
+# Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
@@ -18,13 +20,14 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
 fi
 
 cargo build --release
+certs/gen-certs.sh >/dev/null
 [ -f run/keyring.json ] || target/release/redcloak keys generate --keyring run/keyring.json
 cat <<'TXT'
 
-redcloak is starting on 127.0.0.1:6380. Connect with, for example:
+redcloak is starting on 127.0.0.1:6380 (TLS). Connect with, for example:
 
-  redis-cli -p 6380 --user alice --pass alice-dev-password
-  redis-cli -p 6380 --user bob --pass bob-dev-password      (another project)
+  redis-cli --tls --cacert certs/ca.crt -p 6380 --user alice --pass alice-dev-password
+  redis-cli --tls --cacert certs/ca.crt -p 6380 --user bob --pass bob-dev-password   (another project)
 
 TXT
 exec target/release/redcloak serve --config config/dev.toml

@@ -1421,10 +1421,20 @@ mod tests {
 
     #[test]
     fn the_dev_config_loads_and_validates() {
+        // The certificates are made by the quick start, not committed.
+        let cert = temp_file();
+        let key = temp_file();
+        let vars = env(&[
+            (
+                "REDCLOAK__SERVER__TLS__CERT",
+                &cert.path().to_string_lossy(),
+            ),
+            ("REDCLOAK__SERVER__TLS__KEY", &key.path().to_string_lossy()),
+        ]);
         let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/dev.toml"));
-        let s = load(path, &HashMap::new()).expect("config/dev.toml is valid");
+        let s = load(path, &vars).expect("config/dev.toml is valid");
         assert_eq!(s.server.listen, "127.0.0.1:6380");
-        assert!(s.server.tls.is_none());
+        assert!(s.server.tls.is_some());
         assert_eq!(s.upstream.address, "127.0.0.1:6379");
         assert!(s.encryption.enabled);
         assert_eq!(
@@ -1450,7 +1460,7 @@ mod tests {
                 .iter()
                 .all(|u| hash_iterations(&u.password_hash) == Some(1000))
         );
-        assert_eq!(s.security_level(), SecurityLevel::Medium);
+        assert_eq!(s.security_level(), SecurityLevel::High);
         let warnings = s.warnings();
         assert!(
             warnings
@@ -1461,8 +1471,17 @@ mod tests {
 
     #[test]
     fn the_dev_config_hashes_match_the_dev_passwords() {
+        let cert = temp_file();
+        let key = temp_file();
+        let vars = env(&[
+            (
+                "REDCLOAK__SERVER__TLS__CERT",
+                &cert.path().to_string_lossy(),
+            ),
+            ("REDCLOAK__SERVER__TLS__KEY", &key.path().to_string_lossy()),
+        ]);
         let path = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/config/dev.toml"));
-        let s = load(path, &HashMap::new()).expect("config/dev.toml is valid");
+        let s = load(path, &vars).expect("config/dev.toml is valid");
         for user in &s.users {
             let password = format!("{}-dev-password", user.name);
             let parts: Vec<&str> = user.password_hash.split('$').collect();
