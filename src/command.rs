@@ -124,6 +124,21 @@ pub enum ReplyShape {
     Keys,
     /// A single key or null (`RANDOMKEY`).
     Key,
+    /// Streams by key: `[[key, entries], …]`, or a RESP3 map (`XREAD`).
+    StreamKeys,
+    /// `[channel, count, channel, count, …]` (`PUBSUB NUMSUB`).
+    ChannelCounts,
+}
+
+/// Which Pub/Sub channel space a command works on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Channels {
+    /// `SUBSCRIBE`, `PUBLISH`: channel names.
+    Global,
+    /// `PSUBSCRIBE`: glob patterns over channel names.
+    Pattern,
+    /// `SSUBSCRIBE`, `SPUBLISH`: shard channels.
+    Shard,
 }
 
 /// Commands the proxy answers itself instead of forwarding as they are.
@@ -154,6 +169,12 @@ pub enum Local {
     FlushDb,
     DbSize,
     RandomKey,
+    Subscribe(Channels),
+    Unsubscribe(Channels),
+    Publish(Channels),
+    PubSubChannels(Channels),
+    PubSubNumSub(Channels),
+    PubSubNumPat,
 }
 
 /// What the proxy does with a command.

@@ -16,6 +16,7 @@ pub mod keys_cli;
 pub mod listener;
 pub mod namespace;
 pub mod plan;
+pub mod pubsub;
 pub mod reencrypt;
 pub mod reply;
 pub mod sealer;

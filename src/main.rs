@@ -5,7 +5,7 @@
 //! the library. Errors end the process with one line on standard error and
 //! a non-zero exit code.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, IsTerminal};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -218,6 +218,7 @@ async fn run(path: PathBuf, settings: Settings) -> anyhow::Result<()> {
         connector = connector.with_tls(Arc::new(tls));
     }
     let shared = Arc::new(Shared::new(auth, connector, limits, encryption));
+    shared.set_script_projects(script_projects(&settings));
 
     let signals = Signals::install()?;
     let socket = TcpListener::bind(&settings.server.listen)
@@ -323,6 +324,16 @@ fn encryption(settings: &Settings) -> anyhow::Result<Option<Encryption>> {
     }))
 }
 
+/// The projects whose configuration allows scripts.
+fn script_projects(settings: &Settings) -> HashSet<String> {
+    settings
+        .projects
+        .iter()
+        .filter(|(_, project)| project.allow_scripts)
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
 /// Every `interval`, adds a fresh key to the keyring file, makes it current
 /// and reloads, so new writes use it at once.
 async fn rotate_periodically(path: PathBuf, shared: Arc<Shared>, interval: Duration) {
@@ -360,6 +371,7 @@ fn reload(path: &Path, shared: &Shared) {
         let encryption = encryption(&settings)?;
         shared.auth.reload(&settings.users)?;
         shared.replace_encryption(encryption);
+        shared.set_script_projects(script_projects(&settings));
         Ok(())
     });
     match outcome {

@@ -58,6 +58,8 @@ impl Plan {
                 | ReplyShape::ScanKeys
                 | ReplyShape::Keys
                 | ReplyShape::Key
+                | ReplyShape::StreamKeys
+                | ReplyShape::ChannelCounts
         );
         let has_values = matches!(
             self.reply,

@@ -130,6 +130,8 @@ trait ReplyTree: Sized {
     fn map_values_mut(&mut self) -> Option<Vec<&mut Self>>;
     /// An error frame with this text.
     fn error(text: &str) -> Self;
+    /// Applies `f` to every key of a RESP3 map; false for anything else.
+    fn rekey_map(&mut self, f: &mut dyn FnMut(&mut Self)) -> bool;
 }
 
 impl ReplyTree for Resp2Frame {
@@ -153,6 +155,10 @@ impl ReplyTree for Resp2Frame {
 
     fn error(text: &str) -> Self {
         Resp2Frame::Error(text.into())
+    }
+
+    fn rekey_map(&mut self, _: &mut dyn FnMut(&mut Self)) -> bool {
+        false
     }
 }
 
@@ -186,6 +192,20 @@ impl ReplyTree for Resp3Frame {
             attributes: None,
         }
     }
+
+    fn rekey_map(&mut self, f: &mut dyn FnMut(&mut Self)) -> bool {
+        let Resp3Frame::Map { data, .. } = self else {
+            return false;
+        };
+        *data = std::mem::take(data)
+            .into_iter()
+            .map(|(mut key, value)| {
+                f(&mut key);
+                (key, value)
+            })
+            .collect();
+        true
+    }
 }
 
 /// Applies the plan's reply shape to a decoded reply.
@@ -210,6 +230,26 @@ fn apply<F: ReplyTree>(frame: &mut F, plan: &Plan) -> Result<(), OpenError> {
                 .and_then(ReplyTree::items_mut)
             {
                 strip_list(keys, plan);
+            }
+            Ok(())
+        }
+        ReplyShape::StreamKeys => {
+            if !frame.rekey_map(&mut |key| strip_in_place(key, plan))
+                && let Some(streams) = frame.items_mut()
+            {
+                for stream in streams {
+                    if let Some(key) = stream.items_mut().and_then(|pair| pair.first_mut()) {
+                        strip_in_place(key, plan);
+                    }
+                }
+            }
+            Ok(())
+        }
+        ReplyShape::ChannelCounts => {
+            if let Some(items) = frame.items_mut() {
+                for name in items.iter_mut().step_by(2) {
+                    strip_in_place(name, plan);
+                }
             }
             Ok(())
         }

@@ -8,7 +8,7 @@
 //! either side pauses while the output towards the other side is full, so a
 //! client that never reads can't make the proxy buffer without limit.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
@@ -30,8 +30,11 @@ use crate::shutdown::Shutdown;
 use crate::upstream::{BoxStream, Connector, UpstreamError};
 
 mod local;
+mod pubsub;
 mod transaction;
 
+pub use pubsub::PatternRegistry;
+use pubsub::Subscriptions;
 use transaction::Transaction;
 
 /// Output waiting for a slow reader, per direction, before the session stops
@@ -53,6 +56,9 @@ pub struct Shared {
     /// `None` when encryption is off. Swapped whole on reload; sessions pick
     /// up the new one before their next batch of requests.
     encryption: RwLock<Option<Arc<Encryption>>>,
+    /// Projects whose users may run scripts (`allow_scripts`).
+    script_projects: RwLock<HashSet<String>>,
+    patterns: PatternRegistry,
     next_client_id: AtomicU64,
 }
 
@@ -99,6 +105,8 @@ impl Shared {
             upstream,
             limits,
             encryption: RwLock::new(encryption.map(Arc::new)),
+            script_projects: RwLock::default(),
+            patterns: PatternRegistry::default(),
             next_client_id: AtomicU64::new(1),
         }
     }
@@ -109,6 +117,23 @@ impl Shared {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Sets which projects may run scripts (`EVAL`, `FCALL` and their
+    /// forms). A script can name keys the proxy never sees, including other
+    /// projects' keys, so this is a trust decision per project.
+    pub fn set_script_projects(&self, projects: HashSet<String>) {
+        *self
+            .script_projects
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = projects;
+    }
+
+    fn scripts_allowed(&self, project: &str) -> bool {
+        self.script_projects
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(project)
     }
 
     /// Replaces the encryption settings (a reloaded or rotated keyring).
@@ -129,6 +154,9 @@ enum Pending {
     /// A forwarded `EXEC`: each element of its reply belongs to the plan of
     /// the command queued in its place.
     Exec { plans: Vec<Plan>, deliver: bool },
+    /// A forwarded (un)subscribe: `remaining` confirmations are still to
+    /// come, pushed like messages.
+    PubSub { remaining: usize, deliver: bool },
     /// A forwarded `HELLO`: from its reply on, the link speaks `resp3`.
     Hello { resp3: bool, deliver: bool },
     /// Sent upstream by the proxy for its own sake; the reply is checked
@@ -177,6 +205,7 @@ struct Session {
     name: Option<Bytes>,
     reply_mode: ReplyMode,
     transaction: Option<Transaction>,
+    subscriptions: Subscriptions,
     pending: VecDeque<Pending>,
     client_out: BytesMut,
     up_out: BytesMut,
@@ -233,6 +262,7 @@ impl Session {
             name: None,
             reply_mode: ReplyMode::On,
             transaction: None,
+            subscriptions: Subscriptions::default(),
             pending: VecDeque::new(),
             client_out: BytesMut::with_capacity(16 * 1024),
             up_out: BytesMut::new(),
@@ -332,6 +362,7 @@ impl Session {
         };
 
         let _ = client_wr.shutdown().await;
+        self.drop_subscriptions();
         result
     }
 
@@ -378,6 +409,21 @@ impl Session {
 
         if let Some(denied) = self.permission_error(spec) {
             return self.refuse(&denied);
+        }
+        if !self.writer.resp3 && self.subscriptions.active() && !allowed_while_subscribed(spec) {
+            return self.refuse(&pubsub::subscribed_mode_error(&display_name(&args)));
+        }
+        if SCRIPT_COMMANDS.contains(&spec.name)
+            && !self
+                .identity
+                .as_ref()
+                .is_some_and(|identity| self.shared.scripts_allowed(&identity.project))
+        {
+            let text = format!(
+                "ERR '{}' is not available through redcloak: scripts are not allowed for this project",
+                display_name(&args)
+            );
+            return self.refuse(&text);
         }
 
         match spec.handling {
@@ -585,10 +631,27 @@ impl Session {
         {
             let raw = link.input.split_to(len).freeze();
 
-            // Push frames belong to no request; nothing the proxy allows
-            // today subscribes, so one can only be stray and is dropped.
-            if raw.first() == Some(&b'>') {
-                debug!("dropped a push frame");
+            // Pushes (RESP3), and in RESP2 any frame while no request waits
+            // at the head of the FIFO, are Pub/Sub traffic.
+            let request_waits = matches!(
+                self.pending.front(),
+                Some(
+                    Pending::Upstream { .. }
+                        | Pending::Exec { .. }
+                        | Pending::Hello { .. }
+                        | Pending::Internal
+                )
+            );
+            if raw.first() == Some(&b'>') || (self.subscriptions.ever && !request_waits) {
+                pubsub::route_push(
+                    &mut self.pending,
+                    &self.namespace,
+                    &raw,
+                    link.resp3,
+                    &mut self.client_out,
+                )
+                .map_err(UpstreamError::Protocol)?;
+                release_ready(&mut self.pending, &mut self.client_out);
                 continue;
             }
 
@@ -628,7 +691,7 @@ impl Session {
                         return Err(Fault::Upstream(UpstreamError::AuthRefused));
                     }
                 }
-                Some(Pending::Ready(_)) | None => {
+                Some(Pending::Ready(_) | Pending::PubSub { .. }) | None => {
                     return Err(Fault::Upstream(UpstreamError::Protocol(
                         ProtocolError::Decode(
                             "a reply arrived that no request was waiting for".into(),
@@ -636,11 +699,7 @@ impl Session {
                     )));
                 }
             }
-            while let Some(Pending::Ready(_)) = self.pending.front() {
-                if let Some(Pending::Ready(reply)) = self.pending.pop_front() {
-                    self.client_out.extend_from_slice(&reply);
-                }
-            }
+            release_ready(&mut self.pending, &mut self.client_out);
         }
         Ok(())
     }
@@ -656,12 +715,14 @@ impl Session {
             match entry {
                 Pending::Upstream { deliver: true, .. }
                 | Pending::Exec { deliver: true, .. }
+                | Pending::PubSub { deliver: true, .. }
                 | Pending::Hello { deliver: true, .. } => self
                     .writer
                     .error(&mut self.client_out, "ERR upstream connection lost"),
                 Pending::Ready(reply) => self.client_out.extend_from_slice(&reply),
                 Pending::Upstream { .. }
                 | Pending::Exec { .. }
+                | Pending::PubSub { .. }
                 | Pending::Hello { .. }
                 | Pending::Internal => {}
             }
@@ -680,6 +741,36 @@ fn refused_form(spec: &command::CommandSpec, args: &[Bytes]) -> Option<&'static 
         );
     }
     plan::ambiguous_keys(spec, args)
+}
+
+/// Moves replies the proxy made, now at the head of the FIFO, out.
+fn release_ready(pending: &mut VecDeque<Pending>, out: &mut BytesMut) {
+    while let Some(Pending::Ready(_)) = pending.front() {
+        if let Some(Pending::Ready(reply)) = pending.pop_front() {
+            out.extend_from_slice(&reply);
+        }
+    }
+}
+
+/// Scripts run with the proxy's upstream rights and may name keys the proxy
+/// never sees; only projects with `allow_scripts` may run them.
+const SCRIPT_COMMANDS: &[&str] = &[
+    "eval",
+    "eval_ro",
+    "evalsha",
+    "evalsha_ro",
+    "fcall",
+    "fcall_ro",
+];
+
+/// What Redis allows in RESP2 subscribed mode.
+fn allowed_while_subscribed(spec: &command::CommandSpec) -> bool {
+    matches!(
+        spec.handling,
+        Handling::Local(
+            Local::Subscribe(_) | Local::Unsubscribe(_) | Local::Ping | Local::Quit | Local::Reset
+        )
+    )
 }
 
 /// Commands answered before authentication (SPEC: AUTH, HELLO, QUIT, RESET).

@@ -5,7 +5,7 @@
 //! positions, then only what differs from a plain forwarded command.
 
 use super::{
-    Access, BeginSearch, CommandSpec, FindKeys, Handling, KeySpec, Local as L, Patterns,
+    Access, BeginSearch, Channels, CommandSpec, FindKeys, Handling, KeySpec, Local as L, Patterns,
     ReplyShape as R, ValueArgs,
 };
 
@@ -411,12 +411,16 @@ const STREAMS: &[CommandSpec] = &[
     read("xlen", 2, KEY1),
     read("xpending", -3, KEY1),
     read("xrange", -4, KEY1),
-    read("xread", -4, XREAD_KEYS).stateful(),
+    read("xread", -4, XREAD_KEYS)
+        .reply(R::StreamKeys)
+        .stateful(),
     // The key specification assumes `GROUP g c` comes first, as documented.
     // Redis also accepts options before GROUP, and then the search from
     // index 4 can stop at a group or consumer named "STREAMS" and name the
     // wrong arguments as keys; the session must refuse that reordered form.
-    write("xreadgroup", -7, XREADGROUP_KEYS).stateful(),
+    write("xreadgroup", -7, XREADGROUP_KEYS)
+        .reply(R::StreamKeys)
+        .stateful(),
     read("xrevrange", -4, KEY1),
     write("xsetid", -3, KEY1),
     write("xtrim", -4, KEY1),
@@ -547,26 +551,27 @@ const SERVER: &[CommandSpec] = &[
 /// SUNSUBSCRIBE) with key specifications flagged `not_key`; they are left
 /// out, since channels are namespaced as channels, not as keys.
 const PUBSUB: &[CommandSpec] = &[
-    refused("psubscribe", -2, LATER).stateful(),
-    refused("publish", 3, LATER),
-    refused("pubsub", -2, LATER).subs(PUBSUB_SUBS),
-    refused("punsubscribe", -1, LATER).stateful(),
-    refused("spublish", 3, LATER),
-    refused("ssubscribe", -2, LATER).stateful(),
-    refused("subscribe", -2, LATER).stateful(),
-    refused("sunsubscribe", -1, LATER).stateful(),
-    refused("unsubscribe", -1, LATER).stateful(),
+    local("psubscribe", -2, L::Subscribe(Channels::Pattern)).stateful(),
+    local("publish", 3, L::Publish(Channels::Global)),
+    conn("pubsub", -2).subs(PUBSUB_SUBS),
+    local("punsubscribe", -1, L::Unsubscribe(Channels::Pattern)).stateful(),
+    local("spublish", 3, L::Publish(Channels::Shard)),
+    local("ssubscribe", -2, L::Subscribe(Channels::Shard)).stateful(),
+    local("subscribe", -2, L::Subscribe(Channels::Global)).stateful(),
+    local("sunsubscribe", -1, L::Unsubscribe(Channels::Shard)).stateful(),
+    local("unsubscribe", -1, L::Unsubscribe(Channels::Global)).stateful(),
 ];
 
 /// Scripting. EVAL, EVALSHA and FCALL may write whatever keys the script
 /// names, so they count as writes.
 const SCRIPTING: &[CommandSpec] = &[
-    write("eval", -3, NUMKEYS_AT_2).refuse(LATER),
-    read("eval_ro", -3, NUMKEYS_AT_2).refuse(LATER),
-    write("evalsha", -3, NUMKEYS_AT_2).refuse(LATER),
-    read("evalsha_ro", -3, NUMKEYS_AT_2).refuse(LATER),
-    write("fcall", -3, NUMKEYS_AT_2).refuse(LATER),
-    read("fcall_ro", -3, NUMKEYS_AT_2).refuse(LATER),
+    // Forwarded only for projects with `allow_scripts`; the session checks.
+    write("eval", -3, NUMKEYS_AT_2),
+    read("eval_ro", -3, NUMKEYS_AT_2),
+    write("evalsha", -3, NUMKEYS_AT_2),
+    read("evalsha_ro", -3, NUMKEYS_AT_2),
+    write("fcall", -3, NUMKEYS_AT_2),
+    read("fcall_ro", -3, NUMKEYS_AT_2),
     refused("function", -2, SERVER_ADMIN).subs(FUNCTION_SUBS),
     refused("script", -2, SERVER_ADMIN).subs(SCRIPT_SUBS),
 ];
@@ -707,14 +712,14 @@ const SLOWLOG_SUBS: &[CommandSpec] = &[
     refused("reset", 2, SERVER_ADMIN),
 ];
 
-/// `PUBSUB`: to be scoped to the project with the rest of Pub/Sub.
+/// `PUBSUB`: answered for the project's own channels only.
 const PUBSUB_SUBS: &[CommandSpec] = &[
-    refused("channels", -2, LATER),
-    refused("help", 2, LATER),
-    refused("numpat", 2, LATER),
-    refused("numsub", -2, LATER),
-    refused("shardchannels", -2, LATER),
-    refused("shardnumsub", -2, LATER),
+    local("channels", -2, L::PubSubChannels(Channels::Global)),
+    conn("help", 2),
+    local("numpat", 2, L::PubSubNumPat),
+    local("numsub", -2, L::PubSubNumSub(Channels::Global)),
+    local("shardchannels", -2, L::PubSubChannels(Channels::Shard)),
+    local("shardnumsub", -2, L::PubSubNumSub(Channels::Shard)),
 ];
 
 /// `FUNCTION`: libraries are shared by every project.

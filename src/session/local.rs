@@ -39,11 +39,24 @@ impl Session {
             }
             Local::Ping => {
                 let message = args.get(1).cloned();
-                self.reply_local(|w, out| match message {
-                    Some(m) => w.bulk(out, &m),
-                    None => w.simple(out, "PONG"),
+                // In RESP2 subscribed mode Redis answers PING as a push.
+                let subscribed = !self.writer.resp3 && self.subscriptions.active();
+                self.reply_local(|w, out| match (subscribed, message) {
+                    (true, m) => {
+                        w.array(out, 2);
+                        w.bulk(out, b"pong");
+                        w.bulk(out, &m.unwrap_or_default());
+                    }
+                    (false, Some(m)) => w.bulk(out, &m),
+                    (false, None) => w.simple(out, "PONG"),
                 });
             }
+            Local::Subscribe(kind) => self.subscribe(kind, args).await,
+            Local::Unsubscribe(kind) => self.unsubscribe(kind, args).await,
+            Local::Publish(kind) => self.publish(kind, args).await,
+            Local::PubSubChannels(kind) => self.pubsub_channels(kind, args).await,
+            Local::PubSubNumSub(kind) => self.pubsub_numsub(kind, args).await,
+            Local::PubSubNumPat => self.pubsub_numpat(),
             Local::Echo => {
                 let message = args.get(1).cloned().unwrap_or_default();
                 self.reply_local(|w, out| w.bulk(out, &message));
@@ -229,6 +242,7 @@ impl Session {
                 link.resp3 = false;
             }
         }
+        self.drop_subscriptions();
         self.identity = None;
         self.transaction = None;
         self.values = None;
