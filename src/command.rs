@@ -128,6 +128,13 @@ pub enum ReplyShape {
     StreamKeys,
     /// `[channel, count, channel, count, …]` (`PUBSUB NUMSUB`).
     ChannelCounts,
+    /// Command descriptions, an array of entries named by their first
+    /// element or name/doc pairs (`COMMAND`, `COMMAND DOCS`): entries of
+    /// commands the proxy does not offer are left out.
+    Commands,
+    /// `COMMAND INFO name…`: one entry per name asked for, null for those
+    /// the proxy does not offer.
+    CommandsByName,
 }
 
 /// Which Pub/Sub channel space a command works on.
@@ -254,6 +261,26 @@ pub fn lookup(args: &[Bytes]) -> Result<&'static CommandSpec, LookupError> {
 /// describe.
 pub fn commands() -> impl Iterator<Item = &'static CommandSpec> {
     table::GROUPS.iter().flat_map(|group| group.iter())
+}
+
+/// Whether the proxy offers a command: it is in the table and not refused,
+/// or it is a container with at least one subcommand that is not refused.
+/// `COMMAND`, `COMMAND COUNT/LIST/INFO/DOCS` describe these only.
+pub fn is_offered(name: &[u8]) -> bool {
+    find_command(name).is_some_and(offered)
+}
+
+fn offered(spec: &CommandSpec) -> bool {
+    if spec.subcommands.is_empty() {
+        !matches!(spec.handling, Handling::Refuse(_))
+    } else {
+        spec.subcommands.iter().any(offered)
+    }
+}
+
+/// The commands the proxy offers, by name.
+pub fn offered_commands() -> impl Iterator<Item = &'static CommandSpec> {
+    commands().filter(|spec| offered(spec))
 }
 
 /// The longest command name looked up without allocating; no Redis command

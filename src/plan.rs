@@ -61,6 +61,12 @@ impl Plan {
                 | ReplyShape::StreamKeys
                 | ReplyShape::ChannelCounts
         );
+        if matches!(
+            self.reply,
+            ReplyShape::Commands | ReplyShape::CommandsByName
+        ) {
+            return true;
+        }
         let has_values = matches!(
             self.reply,
             ReplyShape::Value

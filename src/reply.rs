@@ -130,8 +130,13 @@ trait ReplyTree: Sized {
     fn map_values_mut(&mut self) -> Option<Vec<&mut Self>>;
     /// An error frame with this text.
     fn error(text: &str) -> Self;
+    /// A null.
+    fn null() -> Self;
     /// Applies `f` to every key of a RESP3 map; false for anything else.
     fn rekey_map(&mut self, f: &mut dyn FnMut(&mut Self)) -> bool;
+    /// Keeps the entries of a RESP3 map whose key `keep` accepts; false for
+    /// anything else.
+    fn retain_map(&mut self, keep: &mut dyn FnMut(&mut Self) -> bool) -> bool;
 }
 
 impl ReplyTree for Resp2Frame {
@@ -157,7 +162,15 @@ impl ReplyTree for Resp2Frame {
         Resp2Frame::Error(text.into())
     }
 
+    fn null() -> Self {
+        Resp2Frame::Null
+    }
+
     fn rekey_map(&mut self, _: &mut dyn FnMut(&mut Self)) -> bool {
+        false
+    }
+
+    fn retain_map(&mut self, _: &mut dyn FnMut(&mut Self) -> bool) -> bool {
         false
     }
 }
@@ -193,6 +206,10 @@ impl ReplyTree for Resp3Frame {
         }
     }
 
+    fn null() -> Self {
+        Resp3Frame::Null
+    }
+
     fn rekey_map(&mut self, f: &mut dyn FnMut(&mut Self)) -> bool {
         let Resp3Frame::Map { data, .. } = self else {
             return false;
@@ -203,6 +220,17 @@ impl ReplyTree for Resp3Frame {
                 f(&mut key);
                 (key, value)
             })
+            .collect();
+        true
+    }
+
+    fn retain_map(&mut self, keep: &mut dyn FnMut(&mut Self) -> bool) -> bool {
+        let Resp3Frame::Map { data, .. } = self else {
+            return false;
+        };
+        *data = std::mem::take(data)
+            .into_iter()
+            .filter_map(|(mut key, value)| keep(&mut key).then_some((key, value)))
             .collect();
         true
     }
@@ -249,6 +277,55 @@ fn apply<F: ReplyTree>(frame: &mut F, plan: &Plan) -> Result<(), OpenError> {
             if let Some(items) = frame.items_mut() {
                 for name in items.iter_mut().step_by(2) {
                     strip_in_place(name, plan);
+                }
+            }
+            Ok(())
+        }
+        ReplyShape::Commands => {
+            let offered = |f: &mut F| {
+                f.blob_mut()
+                    .is_some_and(|name| crate::command::is_offered(name))
+            };
+            if !frame.retain_map(&mut |name| offered(name))
+                && let Some(items) = frame.items_mut()
+            {
+                let docs = items.len() % 2 == 0
+                    && items.first_mut().is_some_and(|f| f.blob_mut().is_some());
+                if docs {
+                    // Flat name/doc pairs (RESP2 `COMMAND DOCS`).
+                    let mut keep = Vec::with_capacity(items.len());
+                    let mut pairs = std::mem::take(items).into_iter();
+                    while let (Some(mut name), Some(doc)) = (pairs.next(), pairs.next()) {
+                        if offered(&mut name) {
+                            keep.push(name);
+                            keep.push(doc);
+                        }
+                    }
+                    *items = keep;
+                } else {
+                    items.retain_mut(|entry| {
+                        entry
+                            .items_mut()
+                            .and_then(|fields| fields.first_mut())
+                            .is_some_and(offered)
+                    });
+                }
+            }
+            Ok(())
+        }
+        ReplyShape::CommandsByName => {
+            if let Some(items) = frame.items_mut() {
+                for entry in items.iter_mut() {
+                    let keep = entry
+                        .items_mut()
+                        .and_then(|fields| fields.first_mut())
+                        .is_some_and(|name| {
+                            name.blob_mut()
+                                .is_some_and(|name| crate::command::is_offered(name))
+                        });
+                    if !keep {
+                        *entry = F::null();
+                    }
                 }
             }
             Ok(())

@@ -29,10 +29,12 @@ use crate::reply::{self, ReplyError};
 use crate::shutdown::Shutdown;
 use crate::upstream::{BoxStream, Connector, UpstreamError};
 
+mod emulation;
 mod local;
 mod pubsub;
 mod transaction;
 
+use emulation::{ProjectSessions, UpstreamFacts};
 pub use pubsub::PatternRegistry;
 use pubsub::Subscriptions;
 use transaction::Transaction;
@@ -59,6 +61,9 @@ pub struct Shared {
     /// Projects whose users may run scripts (`allow_scripts`).
     script_projects: RwLock<HashSet<String>>,
     patterns: PatternRegistry,
+    sessions: ProjectSessions,
+    /// The upstream's version and word size, asked for by the first `INFO`.
+    upstream_facts: tokio::sync::OnceCell<Arc<UpstreamFacts>>,
     next_client_id: AtomicU64,
 }
 
@@ -107,6 +112,8 @@ impl Shared {
             encryption: RwLock::new(encryption.map(Arc::new)),
             script_projects: RwLock::default(),
             patterns: PatternRegistry::default(),
+            sessions: ProjectSessions::default(),
+            upstream_facts: tokio::sync::OnceCell::new(),
             next_client_id: AtomicU64::new(1),
         }
     }
@@ -363,6 +370,7 @@ impl Session {
 
         let _ = client_wr.shutdown().await;
         self.drop_subscriptions();
+        self.log_out();
         result
     }
 
@@ -530,6 +538,8 @@ impl Session {
 
     /// Moves the session into the user's project.
     fn log_in(&mut self, identity: Identity) {
+        self.log_out();
+        self.shared.sessions.enter(&identity.project);
         let span = tracing::Span::current();
         span.record("project", &*identity.project);
         span.record("user", &*identity.user);
@@ -542,6 +552,14 @@ impl Session {
         self.identity = Some(identity);
         self.values = None;
         self.refresh_values();
+    }
+
+    /// Leaves the project the session was logged in to, if any.
+    fn log_out(&mut self) {
+        if let Some(identity) = self.identity.take() {
+            self.shared.sessions.leave(&identity.project);
+        }
+        self.values = None;
     }
 
     /// Takes the current encryption settings for the session's project, so

@@ -226,3 +226,118 @@ fn scripts_run_only_for_projects_that_allow_them_with_keys_namespaced() {
     );
     assert!(alice.cmd(&["SCRIPT", "FLUSH"]).starts_with(b"-ERR"));
 }
+
+#[test]
+fn admin_emulations_see_only_the_project_and_keep_pipeline_order() {
+    let redis = Redis::start();
+    let proxy = Proxy::start(redis.port);
+    let mut bob = proxy.login(&BOB);
+    assert_eq!(bob.cmd(&["MSET", "b1", "1", "b2", "2"]), b"+OK\r\n");
+
+    let mut admin = proxy.login(&ADMIN);
+    // Pipelined: the writes before DBSIZE count, FLUSHDB deletes only the
+    // project's keys, and the write after it survives.
+    let mut batch = Raw::encode(&["SET", "a1", "1"]);
+    batch.extend(Raw::encode(&["SET", "a2", "2"]));
+    batch.extend(Raw::encode(&["DBSIZE"]));
+    batch.extend(Raw::encode(&["RANDOMKEY"]));
+    batch.extend(Raw::encode(&["FLUSHDB"]));
+    batch.extend(Raw::encode(&["SET", "after", "3"]));
+    batch.extend(Raw::encode(&["DBSIZE"]));
+    admin.send_bytes(&batch);
+    assert_eq!(admin.reply(), b"+OK\r\n");
+    assert_eq!(admin.reply(), b"+OK\r\n");
+    assert_eq!(admin.reply(), b":2\r\n");
+    let random = admin.reply();
+    assert!(
+        random == bulk("a1") || random == bulk("a2"),
+        "{}",
+        String::from_utf8_lossy(&random)
+    );
+    assert_eq!(admin.reply(), b"+OK\r\n");
+    assert_eq!(admin.reply(), b"+OK\r\n");
+    assert_eq!(admin.reply(), b":1\r\n");
+
+    assert_eq!(
+        bob.cmd(&["DBSIZE"]).first(),
+        Some(&b'-'),
+        "DBSIZE is for admins"
+    );
+    assert_eq!(
+        redis.direct().cmd(&["DBSIZE"]),
+        b":3\r\n",
+        "bob's keys survived FLUSHDB"
+    );
+    assert_eq!(admin.cmd(&["FLUSHALL", "ASYNC"]), b"+OK\r\n");
+    assert_eq!(admin.cmd(&["RANDOMKEY"]), b"$-1\r\n");
+    assert_eq!(admin.cmd(&["FLUSHDB", "NOW"]), b"-ERR syntax error\r\n");
+}
+
+#[test]
+fn info_is_a_project_view_in_redis_layout() {
+    let redis = Redis::start();
+    let proxy = Proxy::start(redis.port);
+    let mut bob = proxy.login(&BOB);
+    assert_eq!(bob.cmd(&["SET", "b", "1"]), b"+OK\r\n");
+    let mut alice = proxy.login(&ALICE);
+    assert_eq!(alice.cmd(&["MSET", "a", "1", "c", "2"]), b"+OK\r\n");
+
+    let info = String::from_utf8(alice.cmd(&["INFO"])).unwrap();
+    assert!(info.contains("# Server\r\nredis_version:7."), "{info}");
+    assert!(info.contains("arch_bits:64"));
+    assert!(info.contains("connected_clients:1\r\n"), "{info}");
+    assert!(info.contains("db0:keys=2\r\n"), "{info}");
+    let server = String::from_utf8(alice.cmd(&["INFO", "server"])).unwrap();
+    assert!(server.contains("redis_version") && !server.contains("# Keyspace"));
+    let replication = String::from_utf8(alice.cmd(&["INFO", "replication"])).unwrap();
+    assert_eq!(replication, "$0\r\n\r\n");
+}
+
+#[test]
+fn command_introspection_describes_what_the_proxy_offers() {
+    let redis = Redis::start();
+    let proxy = Proxy::start(redis.port);
+    let mut c = proxy.login(&ALICE);
+    let count = String::from_utf8(c.cmd(&["COMMAND", "COUNT"])).unwrap();
+    let count: usize = count.trim_start_matches(':').trim().parse().unwrap();
+    assert!(count > 150, "{count}");
+    let all = c.cmd(&["COMMAND"]);
+    assert!(
+        all.starts_with(format!("*{count}\r\n").as_bytes()),
+        "COMMAND lists as many as COUNT says"
+    );
+    let docs = c.cmd(&["COMMAND", "DOCS"]);
+    assert!(docs.windows(5).any(|w| w == b"\r\nget"));
+    assert!(
+        !docs.windows(8).any(|w| w == b"\r\nconfig"),
+        "refused commands are not described"
+    );
+    let info = c.cmd(&["COMMAND", "INFO", "get", "config"]);
+    assert!(
+        info.starts_with(b"*2\r\n*") && info.ends_with(b"$-1\r\n"),
+        "{}",
+        String::from_utf8_lossy(&info)
+    );
+    assert_eq!(
+        c.cmd(&["COMMAND", "GETKEYS", "MSET", "a", "1", "b", "2"]),
+        arr(&[&bulk("a"), &bulk("b")])
+    );
+    // redis-cli 7 asks for COMMAND DOCS at start and works interactively.
+    let out = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &proxy.port.to_string(),
+            "--user",
+            "alice",
+            "--pass",
+            "alice-pw",
+            "--no-auth-warning",
+        ])
+        .args(["COMMAND", "COUNT"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        count.to_string()
+    );
+}

@@ -6,8 +6,9 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
+use super::emulation::Emulation;
 use super::{Pending, ReplyMode, Session, display_name};
-use crate::command::Local;
+use crate::command::{self, Local, ReplyShape};
 use crate::frame;
 use crate::namespace::Namespace;
 
@@ -115,23 +116,74 @@ impl Session {
                     _ => self.reply_local(|w, out| w.error(out, "ERR syntax error")),
                 }
             }
-            // These need upstream state shared with other projects, or
-            // emulations over the project's keys that come with the full
-            // command coverage; until then they are refused plainly.
-            Local::ClientNoEvict
-            | Local::ClientNoTouch
-            | Local::Command
-            | Local::CommandCount
-            | Local::CommandDocs
-            | Local::CommandInfo
-            | Local::CommandList
-            | Local::CommandGetKeys
-            | Local::Info
-            | Local::FlushDb
-            | Local::DbSize
-            | Local::RandomKey => {
+            Local::DbSize => self.dbsize().await,
+            Local::RandomKey => self.emulate(Emulation::RandomKey).await,
+            Local::FlushDb => match args.get(1).map(|a| a.to_ascii_uppercase()).as_deref() {
+                None | Some(b"SYNC") => self.emulate(Emulation::Flush { lazy: false }).await,
+                Some(b"ASYNC") => self.emulate(Emulation::Flush { lazy: true }).await,
+                Some(_) => self.reply_local(|w, out| w.error(out, "ERR syntax error")),
+            },
+            Local::Command => {
+                self.forward_request(&[b"COMMAND"], "command", ReplyShape::Commands)
+                    .await
+            }
+            Local::CommandInfo | Local::CommandDocs => {
+                let request: Vec<&[u8]> = args.iter().map(|a| a.as_ref()).collect();
+                let shape = if local == Local::CommandInfo && args.len() > 2 {
+                    ReplyShape::CommandsByName
+                } else {
+                    ReplyShape::Commands
+                };
+                self.forward_request(&request, "command", shape).await
+            }
+            Local::CommandCount => {
+                let count = command::offered_commands().count() as i64;
+                self.reply_local(|w, out| w.integer(out, count));
+            }
+            Local::CommandList if args.len() > 2 => {
+                self.reply_local(|w, out| {
+                    w.error(out, "ERR redcloak supports COMMAND LIST without FILTERBY")
+                });
+            }
+            Local::CommandList => {
+                let names: Vec<&str> = command::offered_commands().map(|c| c.name).collect();
+                self.reply_local(|w, out| {
+                    w.array(out, names.len());
+                    for name in names {
+                        w.bulk(out, name.as_bytes());
+                    }
+                });
+            }
+            Local::CommandGetKeys => {
+                let target = &args[2..];
+                let reply = match command::lookup(target) {
+                    Err(_) => Err("ERR Invalid command specified"),
+                    Ok(spec) => {
+                        let mut indexes = Vec::new();
+                        command::key_indexes(spec, target, &mut indexes);
+                        if indexes.is_empty() {
+                            Err("ERR The command has no key arguments")
+                        } else {
+                            Ok(indexes)
+                        }
+                    }
+                };
+                self.reply_local(|w, out| match reply {
+                    Ok(indexes) => {
+                        w.array(out, indexes.len());
+                        for i in indexes {
+                            w.bulk(out, &target[i]);
+                        }
+                    }
+                    Err(text) => w.error(out, text),
+                });
+            }
+            Local::Info => self.info(args).await,
+            // Both change how Redis treats the proxy's own upstream link
+            // (eviction, LRU touches), which the proxy decides, not a client.
+            Local::ClientNoEvict | Local::ClientNoTouch => {
                 let text = format!(
-                    "ERR '{}' is not supported by redcloak yet",
+                    "ERR '{}' is not available through redcloak: the proxy manages its upstream connections",
                     display_name(args)
                 );
                 self.reply_local(|w, out| w.error(out, &text));
@@ -243,7 +295,7 @@ impl Session {
             }
         }
         self.drop_subscriptions();
-        self.identity = None;
+        self.log_out();
         self.transaction = None;
         self.values = None;
         self.namespace = Arc::new(Namespace::shared());

@@ -207,7 +207,12 @@ impl Session {
     }
 
     /// Sends a request the proxy composed, with a plan for its reply.
-    async fn forward_request(&mut self, args: &[&[u8]], command: &'static str, reply: ReplyShape) {
+    pub(super) async fn forward_request(
+        &mut self,
+        args: &[&[u8]],
+        command: &'static str,
+        reply: ReplyShape,
+    ) {
         if !self.ensure_link().await {
             return;
         }
