@@ -109,49 +109,41 @@ pub fn transform(
     resp3: bool,
     out: &mut BytesMut,
 ) -> Result<bool, ProtocolError> {
-    if resp3 {
-        let (mut frame, _) = redis_protocol::resp3::decode::complete::decode_bytes(raw)
-            .map_err(|e| ProtocolError::Decode(e.details().to_string()))?
-            .ok_or_else(|| ProtocolError::Decode("incomplete push".into()))?;
-        let items = match &mut frame {
-            Resp3Frame::Push { data, .. } | Resp3Frame::Array { data, .. } => data,
-            _ => return Ok(false),
-        };
-        let mut blobs: Vec<Option<&mut Bytes>> = items
-            .iter_mut()
-            .map(|item| match item {
-                Resp3Frame::BlobString { data, .. } | Resp3Frame::SimpleString { data, .. } => {
-                    Some(data)
-                }
-                _ => None,
-            })
-            .collect();
-        if !rewrite(namespace, &mut blobs) {
-            return Ok(false);
-        }
-        redis_protocol::resp3::encode::complete::extend_encode(out, &frame, false)
-            .map_err(|e| ProtocolError::Decode(e.details().to_string()))?;
-    } else {
-        let (mut frame, _) = redis_protocol::resp2::decode::decode_bytes(raw)
-            .map_err(|e| ProtocolError::Decode(e.details().to_string()))?
-            .ok_or_else(|| ProtocolError::Decode("incomplete push".into()))?;
-        let Resp2Frame::Array(items) = &mut frame else {
-            return Ok(false);
-        };
-        let mut blobs: Vec<Option<&mut Bytes>> = items
-            .iter_mut()
-            .map(|item| match item {
-                Resp2Frame::BulkString(data) | Resp2Frame::SimpleString(data) => Some(data),
-                _ => None,
-            })
-            .collect();
-        if !rewrite(namespace, &mut blobs) {
-            return Ok(false);
-        }
-        redis_protocol::resp2::encode::extend_encode(out, &frame, false)
-            .map_err(|e| ProtocolError::Decode(e.details().to_string()))?;
-    }
-    Ok(true)
+    crate::reply::edit_frame::<ProtocolError>(
+        raw,
+        resp3,
+        out,
+        |frame| {
+            let Resp2Frame::Array(items) = frame else {
+                return Ok(false);
+            };
+            let mut names: Vec<Option<&mut Bytes>> = items
+                .iter_mut()
+                .map(|item| match item {
+                    Resp2Frame::BulkString(data) | Resp2Frame::SimpleString(data) => Some(data),
+                    _ => None,
+                })
+                .collect();
+            Ok(rewrite(namespace, &mut names))
+        },
+        |frame| {
+            let (Resp3Frame::Push { data: items, .. } | Resp3Frame::Array { data: items, .. }) =
+                frame
+            else {
+                return Ok(false);
+            };
+            let mut names: Vec<Option<&mut Bytes>> = items
+                .iter_mut()
+                .map(|item| match item {
+                    Resp3Frame::BlobString { data, .. } | Resp3Frame::SimpleString { data, .. } => {
+                        Some(data)
+                    }
+                    _ => None,
+                })
+                .collect();
+            Ok(rewrite(namespace, &mut names))
+        },
+    )
 }
 
 /// Rewrites the string elements of a Pub/Sub frame in place; false when the

@@ -47,21 +47,45 @@ pub fn transform(
         return Ok(());
     }
 
+    edit_frame::<ReplyError>(
+        &raw,
+        resp3,
+        out,
+        |f| Ok(apply(f, plan).map(|()| true)?),
+        |f| Ok(apply(f, plan).map(|()| true)?),
+    )?;
+    Ok(())
+}
+
+/// Decodes `raw` in the link's protocol, lets the edit for that protocol
+/// change it, and encodes the result to `out` when the edit returns true.
+/// Nothing is written when it returns false or fails.
+pub(crate) fn edit_frame<E: From<ProtocolError>>(
+    raw: &Bytes,
+    resp3: bool,
+    out: &mut BytesMut,
+    edit2: impl FnOnce(&mut Resp2Frame) -> Result<bool, E>,
+    edit3: impl FnOnce(&mut Resp3Frame) -> Result<bool, E>,
+) -> Result<bool, E> {
     if resp3 {
-        let (mut frame, _) = redis_protocol::resp3::decode::complete::decode_bytes(&raw)
+        let (mut frame, _) = redis_protocol::resp3::decode::complete::decode_bytes(raw)
             .map_err(decode_error)?
             .ok_or_else(incomplete)?;
-        apply(&mut frame, plan)?;
+        if !edit3(&mut frame)? {
+            return Ok(false);
+        }
         redis_protocol::resp3::encode::complete::extend_encode(out, &frame, false)
             .map_err(decode_error)?;
     } else {
-        let (mut frame, _) = redis_protocol::resp2::decode::decode_bytes(&raw)
+        let (mut frame, _) = redis_protocol::resp2::decode::decode_bytes(raw)
             .map_err(decode_error)?
             .ok_or_else(incomplete)?;
-        apply(&mut frame, plan)?;
+        if !edit2(&mut frame)? {
+            return Ok(false);
+        }
         redis_protocol::resp2::encode::extend_encode(out, &frame, false).map_err(decode_error)?;
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Writes the reply of `EXEC`: each element of the array is transformed by
@@ -82,20 +106,19 @@ pub fn transform_exec(
         return Ok(());
     }
 
-    if resp3 {
-        let (mut frame, _) = redis_protocol::resp3::decode::complete::decode_bytes(&raw)
-            .map_err(decode_error)?
-            .ok_or_else(incomplete)?;
-        apply_each(&mut frame, plans);
-        redis_protocol::resp3::encode::complete::extend_encode(out, &frame, false)
-            .map_err(decode_error)?;
-    } else {
-        let (mut frame, _) = redis_protocol::resp2::decode::decode_bytes(&raw)
-            .map_err(decode_error)?
-            .ok_or_else(incomplete)?;
-        apply_each(&mut frame, plans);
-        redis_protocol::resp2::encode::extend_encode(out, &frame, false).map_err(decode_error)?;
-    }
+    edit_frame::<ProtocolError>(
+        &raw,
+        resp3,
+        out,
+        |f| {
+            apply_each(f, plans);
+            Ok(true)
+        },
+        |f| {
+            apply_each(f, plans);
+            Ok(true)
+        },
+    )?;
     Ok(())
 }
 
