@@ -47,6 +47,24 @@ pub fn transform(
         return Ok(());
     }
 
+    // The most common case, one value (`GET`), skips building a frame tree.
+    if plan.reply == ReplyShape::Value
+        && let Some(values) = &plan.values
+        && let Some(payload) = bulk_payload(&raw)
+    {
+        return match values.sealer.open(&values.project, payload)? {
+            Opened::Plain(_) if values.strict => Err(OpenError::NotSealed.into()),
+            Opened::Plain(_) => {
+                out.extend_from_slice(&raw);
+                Ok(())
+            }
+            Opened::Sealed(plaintext) => {
+                crate::frame::put_bulk(out, &plaintext);
+                Ok(())
+            }
+        };
+    }
+
     edit_frame::<ReplyError>(
         &raw,
         resp3,
@@ -134,6 +152,18 @@ fn apply_each<F: ReplyTree>(frame: &mut F, plans: &[Plan]) {
             *item = F::error(&format!("ERR redcloak could not open a stored value: {e}"));
         }
     }
+}
+
+/// The payload of a frame that is one bulk string, already measured by the
+/// scanner (so its length and line ending are known to be consistent).
+fn bulk_payload(raw: &[u8]) -> Option<&[u8]> {
+    let rest = raw.strip_prefix(b"$")?;
+    let header_end = rest.iter().position(|&b| b == b'\r')?;
+    let len: usize = std::str::from_utf8(&rest[..header_end])
+        .ok()?
+        .parse()
+        .ok()?;
+    rest.get(header_end + 2..header_end + 2 + len)
 }
 
 fn decode_error(e: redis_protocol::error::RedisProtocolError) -> ProtocolError {
