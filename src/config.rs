@@ -67,6 +67,12 @@ pub struct ServerSettings {
     /// How long in-flight requests may take to finish after `SIGTERM`.
     /// Default 10.
     pub shutdown_timeout_secs: u64,
+    /// A request whose first byte has arrived must be complete within this
+    /// many seconds, or the client gets an error and is closed: a client
+    /// can't hold a session open by trickling a request. It must cover the
+    /// slowest honest upload of `max_request_bytes`. 0 means never.
+    /// Default 60.
+    pub request_timeout_secs: u64,
     /// TLS for clients; absent means a plaintext listener.
     pub tls: Option<ServerTls>,
 }
@@ -116,6 +122,11 @@ pub struct UpstreamSettings {
     pub password: Option<String>,
     /// Bound on establishing one upstream connection. Default 2000.
     pub connect_timeout_ms: u64,
+    /// How long the upstream may owe replies without sending anything
+    /// before the requests in flight get an error and the client is closed.
+    /// Blocking commands (`BLPOP`, `XREAD … BLOCK`, `WAIT`, …) are exempt
+    /// while they wait. 0 means never. Default 30000.
+    pub request_timeout_ms: u64,
     /// TLS to Redis; absent means plain TCP.
     pub tls: Option<UpstreamTls>,
 }
@@ -1202,6 +1213,7 @@ impl fmt::Debug for UpstreamSettings {
             .field("username", &self.username)
             .field("password", &redact(&self.password))
             .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("request_timeout_ms", &self.request_timeout_ms)
             .field("tls", &self.tls)
             .finish()
     }
@@ -1241,6 +1253,7 @@ impl Default for ServerSettings {
             max_request_bytes: 512 * 1024 * 1024,
             project_isolation: true,
             shutdown_timeout_secs: 10,
+            request_timeout_secs: 60,
             tls: None,
         }
     }
@@ -1255,6 +1268,7 @@ impl Default for UpstreamSettings {
             username: None,
             password: None,
             connect_timeout_ms: 2000,
+            request_timeout_ms: 30_000,
             tls: None,
         }
     }
@@ -1401,6 +1415,8 @@ mod tests {
         assert!(s.upstream.nodes.is_empty());
         assert!(s.upstream.username.is_none() && s.upstream.password.is_none());
         assert_eq!(s.upstream.connect_timeout_ms, 2000);
+        assert_eq!(s.upstream.request_timeout_ms, 30_000);
+        assert_eq!(s.server.request_timeout_secs, 60);
         assert!(s.upstream.tls.is_none());
         assert!(s.encryption.enabled);
         assert!(s.encryption.keyring.is_none());
@@ -1530,6 +1546,14 @@ mod tests {
         assert_eq!(
             s.upstream.connect_timeout_ms,
             defaults.upstream.connect_timeout_ms
+        );
+        assert_eq!(
+            s.upstream.request_timeout_ms,
+            defaults.upstream.request_timeout_ms
+        );
+        assert_eq!(
+            s.server.request_timeout_secs,
+            defaults.server.request_timeout_secs
         );
         assert_eq!(s.encryption.compression_threshold, 1024);
         assert_eq!(s.users.len(), 1);

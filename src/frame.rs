@@ -93,6 +93,8 @@ pub enum ProtocolError {
     InvalidNumber,
     #[error("ERR Protocol error: missing CRLF after bulk string")]
     MissingCrlf,
+    #[error("ERR Protocol error: a header line must end with CRLF")]
+    LineEnding,
     #[error("ERR Protocol error: streamed RESP3 frames are not supported")]
     Streamed,
     #[error("ERR Protocol error: {0}")]
@@ -253,10 +255,18 @@ fn read_line(buf: &[u8], pos: usize) -> Result<Option<HeaderLine<'_>>, ProtocolE
     match window.iter().position(|&b| b == b'\n') {
         None if rest.len() >= MAX_LINE => Err(ProtocolError::LineTooLong),
         None => Ok(None),
-        Some(0) => Err(ProtocolError::InvalidType(b'\n')),
         Some(nl) => {
-            let line = rest[..nl].strip_suffix(b"\r").unwrap_or(&rest[..nl]);
-            Ok(Some((line[0], &line[1..], pos + nl + 1)))
+            // A bare LF would end the line here but not in the decoder,
+            // which wants CRLF: the two would disagree on where the frame
+            // ends. Redis refuses it in multibulk headers as well.
+            let Some(line) = rest[..nl].strip_suffix(b"\r") else {
+                return Err(ProtocolError::LineEnding);
+            };
+            match line.split_first() {
+                Some((&kind, header)) => Ok(Some((kind, header, pos + nl + 1))),
+                // `\r\n` where a header belongs: nothing to read a type from.
+                None => Err(ProtocolError::InvalidType(b'\r')),
+            }
         }
     }
 }
@@ -604,6 +614,42 @@ mod tests {
         assert!(measure_all(b"*-5\r\n", &REPLY).is_err());
         assert!(measure_all(b"$3\r\nfooXY", &REPLY).is_err());
         assert!(measure_all(b"$?\r\n", &REPLY).is_err());
+    }
+
+    #[test]
+    fn an_empty_line_where_a_header_belongs_is_an_error_not_a_panic() {
+        // Found by the request_path fuzz target: an empty line used to be
+        // indexed for its type byte.
+        let limits = Limits::request(1 << 20, true);
+        for input in [&b"*1\r\n\r\n"[..], b"*2\r\n$1\r\na\r\n\r\n"] {
+            assert_eq!(
+                Scanner::for_requests().measure(input, &limits),
+                Err(ProtocolError::InvalidType(b'\r'))
+            );
+        }
+        assert_eq!(
+            measure_all(b"\r\n", &REPLY),
+            Err(ProtocolError::InvalidType(b'\r'))
+        );
+    }
+
+    #[test]
+    fn header_lines_must_end_with_crlf() {
+        // Found by the reply_path fuzz target: the scanner ended a line at a
+        // bare LF, the decoder at the next CRLF, so `+a\n|1\r\n` was one
+        // frame to one and the start of another to the other.
+        for input in [&b"*1\r\n\n"[..], b"+a\n|1\r\n+b\r\n", b"$1\na\r\n"] {
+            assert_eq!(
+                measure_all(input, &REPLY),
+                Err(ProtocolError::LineEnding),
+                "{input:?}"
+            );
+        }
+        let limits = Limits::request(1 << 20, true);
+        assert_eq!(
+            Scanner::for_requests().measure(b"*1\n$4\r\nPING\r\n", &limits),
+            Err(ProtocolError::LineEnding)
+        );
     }
 
     #[test]

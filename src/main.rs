@@ -193,6 +193,10 @@ async fn run(path: PathBuf, settings: Settings) -> anyhow::Result<()> {
         max_request_bytes: settings.server.max_request_bytes,
         idle_timeout: (settings.server.idle_timeout_secs > 0)
             .then(|| Duration::from_secs(settings.server.idle_timeout_secs)),
+        request_timeout: (settings.server.request_timeout_secs > 0)
+            .then(|| Duration::from_secs(settings.server.request_timeout_secs)),
+        upstream_timeout: (settings.upstream.request_timeout_ms > 0)
+            .then(|| Duration::from_millis(settings.upstream.request_timeout_ms)),
         project_isolation: settings.server.project_isolation,
     };
     let encryption = encryption(&settings)?;

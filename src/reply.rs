@@ -92,8 +92,9 @@ pub(crate) fn edit_frame<E: From<ProtocolError>>(
         if !edit3(&mut frame)? {
             return Ok(false);
         }
-        redis_protocol::resp3::encode::complete::extend_encode(out, &frame, false)
-            .map_err(decode_error)?;
+        keep_written(out, |out| {
+            redis_protocol::resp3::encode::complete::extend_encode(out, &frame, false)
+        })?;
     } else {
         let (mut frame, _) = redis_protocol::resp2::decode::decode_bytes(raw)
             .map_err(decode_error)?
@@ -101,7 +102,9 @@ pub(crate) fn edit_frame<E: From<ProtocolError>>(
         if !edit2(&mut frame)? {
             return Ok(false);
         }
-        redis_protocol::resp2::encode::extend_encode(out, &frame, false).map_err(decode_error)?;
+        keep_written(out, |out| {
+            redis_protocol::resp2::encode::extend_encode(out, &frame, false)
+        })?;
     }
     Ok(true)
 }
@@ -164,6 +167,32 @@ fn bulk_payload(raw: &[u8]) -> Option<&[u8]> {
         .parse()
         .ok()?;
     rest.get(header_end + 2..header_end + 2 + len)
+}
+
+/// Runs a redis-protocol encoder and keeps only the bytes it wrote.
+///
+/// The encoders grow the buffer by an estimate first and zero-fill it; the
+/// estimate counts a number's digits through a float logarithm, which is
+/// one too many for numbers just under a power of ten from 10^16 up (found
+/// by the reply_path fuzz target). Left in place, that zero byte would
+/// follow the reply and put the client's stream out of step. On error
+/// nothing is kept.
+fn keep_written(
+    out: &mut BytesMut,
+    encode: impl FnOnce(&mut BytesMut) -> Result<usize, redis_protocol::error::RedisProtocolError>,
+) -> Result<(), ProtocolError> {
+    let start = out.len();
+    match encode(out) {
+        // The encoders return the offset where their output ends.
+        Ok(end) => {
+            out.truncate(end);
+            Ok(())
+        }
+        Err(e) => {
+            out.truncate(start);
+            Err(decode_error(e))
+        }
+    }
 }
 
 fn decode_error(e: redis_protocol::error::RedisProtocolError) -> ProtocolError {
@@ -518,6 +547,25 @@ mod tests {
         out.extend_from_slice(data);
         out.extend_from_slice(b"\r\n");
         out
+    }
+
+    #[test]
+    fn large_numbers_in_a_rewritten_reply_leave_no_stray_byte() {
+        // Found by the reply_path fuzz target: 9999999999999999 was encoded
+        // with a zero byte after it.
+        let plans = [plan(ReplyShape::Keys, None), plan(ReplyShape::Plain, None)];
+        for number in [
+            "9999999999999999",
+            "-99999999999999999",
+            "999999999999999999",
+        ] {
+            let raw = format!("*2\r\n*0\r\n:{number}\r\n");
+            for resp3 in [false, true] {
+                let mut out = BytesMut::new();
+                transform_exec(&plans, Bytes::from(raw.clone()), resp3, &mut out).unwrap();
+                assert_eq!(&out[..], raw.as_bytes(), "{number}, resp3: {resp3}");
+            }
+        }
     }
 
     #[test]

@@ -29,11 +29,13 @@ use crate::reply::{self, ReplyError};
 use crate::shutdown::Shutdown;
 use crate::upstream::{BoxStream, Connector, UpstreamError};
 
+mod deadline;
 mod emulation;
 mod local;
 mod pubsub;
 mod transaction;
 
+use deadline::Deadline;
 use emulation::{ProjectSessions, UpstreamFacts};
 pub use pubsub::PatternRegistry;
 use pubsub::Subscriptions;
@@ -49,6 +51,9 @@ const LINGER_AFTER_EOF: Duration = Duration::from_secs(2);
 
 /// Requests in flight upstream before the session stops reading more.
 const MAX_IN_FLIGHT: usize = 64 * 1024;
+
+/// The reply to each request in flight when the upstream link fails.
+const UPSTREAM_LOST: &str = "ERR upstream connection lost";
 
 /// What every session shares.
 pub struct Shared {
@@ -95,6 +100,12 @@ pub struct SessionLimits {
     pub max_request_bytes: usize,
     /// `None` disables the idle timeout.
     pub idle_timeout: Option<Duration>,
+    /// How long a request that has begun arriving may stay incomplete;
+    /// `None` waits for ever.
+    pub request_timeout: Option<Duration>,
+    /// How long the upstream may owe replies without sending a byte
+    /// (blocking commands exempt); `None` waits for ever.
+    pub upstream_timeout: Option<Duration>,
     pub project_isolation: bool,
 }
 
@@ -156,8 +167,13 @@ impl Shared {
 
 /// A reply the client is owed, in request order.
 enum Pending {
-    /// Sent upstream; the reply will be transformed by the plan.
-    Upstream { plan: Plan, deliver: bool },
+    /// Sent upstream; the reply will be transformed by the plan. A
+    /// `blocking` request may be answered late on purpose.
+    Upstream {
+        plan: Plan,
+        deliver: bool,
+        blocking: bool,
+    },
     /// A forwarded `EXEC`: each element of its reply belongs to the plan of
     /// the command queued in its place.
     Exec { plans: Vec<Plan>, deliver: bool },
@@ -221,6 +237,9 @@ struct Session {
     /// Stop reading requests; close once every owed reply is written.
     closing: bool,
     key_scratch: Vec<usize>,
+    /// Blocking requests in flight; the upstream deadline waits for none.
+    blocking_in_flight: usize,
+    upstream_deadline: Deadline,
 }
 
 /// Runs one client session to its end. `logged_in` is the user a verified
@@ -261,7 +280,6 @@ impl Session {
         Session {
             id,
             peer,
-            shared,
             identity: None,
             namespace: Arc::new(Namespace::shared()),
             values: None,
@@ -277,6 +295,9 @@ impl Session {
             link_writer: None,
             closing: false,
             key_scratch: Vec::new(),
+            blocking_in_flight: 0,
+            upstream_deadline: Deadline::new(shared.limits.upstream_timeout),
+            shared,
         }
     }
 
@@ -287,6 +308,7 @@ impl Session {
         let idle = self.shared.limits.idle_timeout;
         let idle_timer = tokio::time::sleep(idle.unwrap_or(Duration::MAX / 4));
         tokio::pin!(idle_timer);
+        let mut request_deadline = Deadline::new(self.shared.limits.request_timeout);
 
         let mut client_gone = false;
 
@@ -301,6 +323,12 @@ impl Session {
             let read_upstream = self.link.is_some() && self.client_out.len() < OUTPUT_HIGH_WATER;
             let idle_armed =
                 client_gone || (idle.is_some() && self.pending.is_empty() && !self.closing);
+            // Replies are owed, and nothing but the upstream holds them up.
+            if read_upstream && !self.pending.is_empty() && self.blocking_in_flight == 0 {
+                self.upstream_deadline.start();
+            } else {
+                self.upstream_deadline.stop();
+            }
 
             // Biased: output first, so that everything owed upstream is
             // sent before a failing client write can end the session.
@@ -325,6 +353,7 @@ impl Session {
                     match read {
                         Ok(0) => self.upstream_lost(&Fault::Upstream(UpstreamError::Closed)),
                         Ok(_) => {
+                            self.upstream_deadline.restart();
                             if let Err(fault) = self.take_replies() {
                                 self.upstream_lost(&fault);
                             }
@@ -350,7 +379,18 @@ impl Session {
                     if let Some(timeout) = idle {
                         idle_timer.as_mut().reset(Instant::now() + timeout);
                     }
-                    if let Err(e) = self.take_requests(&mut client_in, &mut scanner).await {
+                    let buffered = client_in.len();
+                    let taken = self.take_requests(&mut client_in, &mut scanner).await;
+                    // The clock runs from the first byte of a request until it is
+                    // complete, however slowly the bytes trickle in.
+                    if client_in.is_empty() {
+                        request_deadline.stop();
+                    } else if client_in.len() < buffered {
+                        request_deadline.restart();
+                    } else {
+                        request_deadline.start();
+                    }
+                    if let Err(e) = taken {
                         // Redis answers a protocol error, then closes once
                         // the replies owed before it are written.
                         debug!(error = %e, "client protocol error");
@@ -361,6 +401,18 @@ impl Session {
                 _ = &mut idle_timer, if idle_armed => {
                     debug!("idle timeout");
                     break Ok(());
+                }
+                expired = request_deadline.expired(), if read_client && request_deadline.is_running() => {
+                    if expired {
+                        debug!(buffered = client_in.len(), "request timeout");
+                        self.reply_local(|w, out| w.error(out, deadline::REQUEST_TIMED_OUT));
+                        self.closing = true;
+                    }
+                }
+                expired = self.upstream_deadline.expired(), if self.upstream_deadline.is_running() => {
+                    if expired {
+                        self.upstream_lost(&Fault::Upstream(UpstreamError::ReplyTimeout));
+                    }
                 }
                 _ = shutdown.announced(), if !self.closing => {
                     self.closing = true;
@@ -506,7 +558,13 @@ impl Session {
             None => plan,
         };
         let deliver = self.take_delivery();
-        self.pending.push_back(Pending::Upstream { plan, deliver });
+        let blocking = self.transaction.is_none() && deadline::blocks(spec, args);
+        self.blocking_in_flight += usize::from(blocking);
+        self.pending.push_back(Pending::Upstream {
+            plan,
+            deliver,
+            blocking,
+        });
     }
 
     /// The NOPERM reply for a user whose permission doesn't cover `spec`.
@@ -674,11 +732,21 @@ impl Session {
             }
 
             match self.pending.pop_front() {
-                Some(Pending::Upstream { plan, deliver }) => {
+                Some(Pending::Upstream {
+                    plan,
+                    deliver,
+                    blocking,
+                }) => {
+                    self.blocking_in_flight -= usize::from(blocking);
                     if deliver {
                         match reply::transform(&plan, raw, link.resp3, &mut self.client_out) {
                             Ok(()) => {}
-                            Err(ReplyError::Protocol(e)) => return Err(Fault::Upstream(e.into())),
+                            Err(ReplyError::Protocol(e)) => {
+                                // This request's plan is taken already: its
+                                // error goes here, the others' in `upstream_lost`.
+                                self.writer.error(&mut self.client_out, UPSTREAM_LOST);
+                                return Err(Fault::Upstream(e.into()));
+                            }
                             Err(ReplyError::Open(e)) => {
                                 // Logged without key or value; the session goes on.
                                 warn!(command = plan.command, error = %e, "a value could not be opened");
@@ -691,9 +759,12 @@ impl Session {
                     }
                 }
                 Some(Pending::Exec { plans, deliver }) => {
-                    if deliver {
-                        reply::transform_exec(&plans, raw, link.resp3, &mut self.client_out)
-                            .map_err(UpstreamError::Protocol)?;
+                    if deliver
+                        && let Err(e) =
+                            reply::transform_exec(&plans, raw, link.resp3, &mut self.client_out)
+                    {
+                        self.writer.error(&mut self.client_out, UPSTREAM_LOST);
+                        return Err(Fault::Upstream(e.into()));
                     }
                 }
                 Some(Pending::Hello { resp3, deliver }) => {
@@ -722,21 +793,29 @@ impl Session {
         Ok(())
     }
 
-    /// The upstream is gone: every request in flight gets an error reply,
-    /// in order, and the client is closed once they are written.
+    /// The upstream is gone, or stopped answering (its link then can't be
+    /// trusted to pair replies with requests any more): every request in
+    /// flight gets an error reply, in order, and the client is closed once
+    /// they are written.
     fn upstream_lost(&mut self, fault: &Fault) {
         debug!(error = %fault, in_flight = self.pending.len(), "upstream link lost");
+        let text = match fault {
+            Fault::Upstream(UpstreamError::ReplyTimeout) => "ERR upstream request timed out",
+            _ => UPSTREAM_LOST,
+        };
         self.link = None;
         self.link_writer = None;
         self.up_out.clear();
+        self.blocking_in_flight = 0;
+        self.upstream_deadline.stop();
         for entry in std::mem::take(&mut self.pending) {
             match entry {
                 Pending::Upstream { deliver: true, .. }
                 | Pending::Exec { deliver: true, .. }
                 | Pending::PubSub { deliver: true, .. }
-                | Pending::Hello { deliver: true, .. } => self
-                    .writer
-                    .error(&mut self.client_out, "ERR upstream connection lost"),
+                | Pending::Hello { deliver: true, .. } => {
+                    self.writer.error(&mut self.client_out, text)
+                }
                 Pending::Ready(reply) => self.client_out.extend_from_slice(&reply),
                 Pending::Upstream { .. }
                 | Pending::Exec { .. }

@@ -38,6 +38,10 @@ pub enum UpstreamError {
     AuthRefused,
     #[error("the upstream closed the connection")]
     Closed,
+    /// Replies were owed and the upstream sent nothing for
+    /// `upstream.request_timeout_ms`.
+    #[error("the upstream sent no reply within the request timeout")]
+    ReplyTimeout,
     #[error("upstream I/O failed: {0}")]
     Io(#[from] std::io::Error),
     #[error("the upstream sent a malformed reply: {0}")]

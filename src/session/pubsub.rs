@@ -224,7 +224,11 @@ impl Session {
             values: None,
         };
         let deliver = self.take_delivery();
-        self.pending.push_back(Pending::Upstream { plan, deliver });
+        self.pending.push_back(Pending::Upstream {
+            plan,
+            deliver,
+            blocking: false,
+        });
     }
 
     fn register_pattern(&self, pattern: &Bytes) {

@@ -653,3 +653,137 @@ impl Redis {
         TlsRaw::connect(self.port, &certs.join("ca.crt"), client).expect("a TLS connection")
     }
 }
+
+/// A stand-in for Redis that accepts connections and answers every read
+/// with the bytes last given to [`FakeUpstream::answer`], or with nothing
+/// at all: for upstreams that hang or break the protocol.
+pub struct FakeUpstream {
+    pub port: u16,
+    answer: std::sync::Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FakeUpstream {
+    /// Starts one that never answers (until told otherwise).
+    pub fn silent() -> FakeUpstream {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding a loopback port");
+        let port = listener.local_addr().expect("a bound address").port();
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
+        let answer: Arc<Mutex<Option<Vec<u8>>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (answers, stopped) = (Arc::clone(&answer), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                let Ok((mut socket, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let answers = Arc::clone(&answers);
+                let stopped = Arc::clone(&stopped);
+                std::thread::spawn(move || {
+                    let _ = socket.set_nonblocking(false);
+                    let _ = socket.set_read_timeout(Some(Duration::from_millis(100)));
+                    let mut chunk = [0u8; 64 * 1024];
+                    while !stopped.load(Ordering::Relaxed) {
+                        match socket.read(&mut chunk) {
+                            Ok(0) => return,
+                            Ok(_) => {
+                                let answer = answers.lock().map(|a| a.clone()).unwrap_or(None);
+                                if let Some(bytes) = answer
+                                    && socket.write_all(&bytes).is_err()
+                                {
+                                    return;
+                                }
+                            }
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                ) => {}
+                            Err(_) => return,
+                        }
+                    }
+                });
+            }
+        });
+        FakeUpstream { port, answer, stop }
+    }
+
+    /// From now on, every read on every connection is answered with `bytes`.
+    pub fn answer(&self, bytes: &[u8]) {
+        *self.answer.lock().expect("the answer lock") = Some(bytes.to_vec());
+    }
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// `toml` with `lines` added to its `[upstream]` section.
+pub fn with_upstream(toml: &str, lines: &str) -> String {
+    toml.replacen("[upstream]\n", &format!("[upstream]\n{lines}\n"), 1)
+}
+
+/// The resident memory of a process, in KiB, from `/proc`.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("reading /proc");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("a VmRSS line")
+}
+
+/// How many file descriptors a process has open.
+pub fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("reading /proc")
+        .count()
+}
+
+/// The `p`-th percentile (0 to 100) of some durations, in milliseconds.
+pub fn percentile_ms(samples: &mut [Duration], p: f64) -> f64 {
+    samples.sort_unstable();
+    if samples.is_empty() {
+        return 0.0;
+    }
+    let at = ((samples.len() - 1) as f64 * p / 100.0).round() as usize;
+    samples[at].as_secs_f64() * 1000.0
+}
+
+/// Whether the proxy's log so far shows a panic.
+pub fn logs_show_a_panic(logs: &[String]) -> bool {
+    logs.iter().any(|l| l.contains("panicked"))
+}
+
+impl Raw {
+    /// A second handle on the same connection, for reading on one thread
+    /// while another writes.
+    pub fn try_clone(&self) -> Raw {
+        Raw {
+            stream: self.stream.try_clone().expect("cloning the socket"),
+            buf: BytesMut::new(),
+            scanner: Scanner::for_replies(),
+        }
+    }
+
+    /// Writes bytes; false once the proxy has closed the connection.
+    pub fn try_send_bytes(&mut self, bytes: &[u8]) -> bool {
+        self.stream.write_all(bytes).is_ok()
+    }
+
+    /// Sets how long a read may wait before it fails.
+    pub fn set_read_timeout(&mut self, timeout: Duration) {
+        self.stream
+            .set_read_timeout(Some(timeout))
+            .expect("setting a read timeout");
+    }
+}
