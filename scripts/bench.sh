@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Benchmarks redcloak against Redis directly, in the same run: for each
 # scenario, redis-benchmark runs against redis-server, then through the proxy
-# with namespacing only, then with encryption on, and prints requests per
+# with namespacing only, then with encryption on, then with encryption and
+# an access event per command in the audit log, and prints requests per
 # second, p50/p99 latency and the ratio to direct Redis. Speed is measured
 # here, never asserted in tests.
 #
@@ -37,7 +38,7 @@ hash=$(printf 'bench-pw\n' | target/release/redcloak hash-password --iterations 
 key=$(head -c 32 /dev/urandom | base64)
 
 # Starts a proxy and sets proxy_port and proxy_pid.
-start_proxy() { # name, encryption section
+start_proxy() { # name, encryption section, [audit section]
   local port
   port=$(free_port)
   cat >"$work/$1.toml" <<TOML
@@ -48,7 +49,7 @@ address = "127.0.0.1:$redis_port"
 [encryption]
 $2
 [audit]
-enabled = false
+${3:-enabled = false}
 [[users]]
 name = "default"
 password_hash = "$hash"
@@ -67,6 +68,11 @@ plain_port=$proxy_port plain_pid=$proxy_pid
 start_proxy sealed "enabled = true
 key = \"$key\""
 sealed_port=$proxy_port sealed_pid=$proxy_pid
+start_proxy audited "enabled = true
+key = \"$key\"" "enabled = true
+path = \"$work/audit.log\"
+access_logging = true"
+audited_port=$proxy_port audited_pid=$proxy_pid
 
 # Prints "rps p50 p99" for one run.
 run_one() { # port, test, clients, pipeline, size, [password]
@@ -89,7 +95,7 @@ for scenario in "50 1 100" "50 16 100" "50 1 4096"; do
     name="$test c=$clients P=$pipeline d=$size"
     read -r base_rps base_p50 base_p99 <<<"$(run "$redis_port" "$test" "$clients" "$pipeline" "$size")"
     printf '%-28s %-10s %12.0f %8s %8s %7s\n' "$name" redis "$base_rps" "$base_p50" "$base_p99" 1.00
-    for target in plain sealed; do
+    for target in plain sealed audited; do
       port_var="${target}_port"
       read -r rps p50 p99 <<<"$(run "${!port_var}" "$test" "$clients" "$pipeline" "$size" bench-pw)"
       ratio=$(awk -v a="$rps" -v b="$base_rps" 'BEGIN { printf "%.2f", a / b }')
@@ -98,7 +104,7 @@ for scenario in "50 1 100" "50 16 100" "50 1 4096"; do
   done
 done
 
-for target in plain sealed; do
+for target in plain sealed audited; do
   pid_var="${target}_pid"
   pid=${!pid_var}
   rss=$(awk '/VmHWM/ { print $2 }' "/proc/$pid/status")

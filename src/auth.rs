@@ -456,6 +456,15 @@ impl Authenticator {
             .cloned()
     }
 
+    /// The identity configured for `name`, without checking any password,
+    /// so that a failed login can be logged against a real user; `None` for
+    /// names no user has, which may be a password sent in the wrong place
+    /// and so are never logged.
+    pub fn configured(&self, name: &[u8]) -> Option<Identity> {
+        let users = self.users.read().unwrap_or_else(PoisonError::into_inner);
+        users.find(name).map(|user| user.identity.clone())
+    }
+
     /// Verifies a name/password pair, both arbitrary client bytes. Returns
     /// `None` on any failure, and unknown names, wrong passwords and
     /// passwords over [`MAX_PASSWORD_LEN`] all pay one PBKDF2 run. Only a

@@ -38,6 +38,7 @@ pub struct Settings {
     pub upstream: UpstreamSettings,
     pub encryption: EncryptionSettings,
     pub audit: AuditSettings,
+    pub detection: DetectionSettings,
     pub metrics: MetricsSettings,
     /// Who may `AUTH`. An empty list is valid but every client is refused,
     /// which [`Settings::warnings`] points out.
@@ -187,8 +188,33 @@ pub struct AuditSettings {
     pub failed_access_threshold: u32,
     /// Window in which those failures are counted, seconds. Default 300.
     pub failed_access_window_secs: u64,
-    /// How long a locked-out pair is refused, seconds. Default 300.
+    /// How long a locked-out pair is refused, seconds; 0 means never.
+    /// Default 300.
     pub lockout_secs: u64,
+    /// Name the keys of each command in `access` events. Key names often
+    /// hold personal data (`session:alice@example.com`), so this is off by
+    /// default and the audit log holds command names only.
+    pub log_key_names: bool,
+    /// Keep lockout counters in the upstream Redis, under reserved
+    /// `redcloak:` keys no project can name, so that every replica of the
+    /// proxy enforces the same lockout. Default false: each replica counts
+    /// on its own.
+    pub lockout_shared: bool,
+}
+
+/// Anomaly detection, as the seed document's incident detector: counts in
+/// fixed one-minute windows, one `alert` event per window over a threshold.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DetectionSettings {
+    /// Failed authentications, over every user and client, in one minute
+    /// above which a `HIGH_FAILED_AUTH_RATE` alert is raised; 0 turns the
+    /// check off. Default 10.
+    pub failed_auth_per_minute: u64,
+    /// Commands one project sends to Redis in one minute above which a
+    /// `HIGH_ACCESS_VOLUME` alert is raised; 0 turns the check off.
+    /// Default 1000.
+    pub access_per_minute: u64,
 }
 
 /// Prometheus metrics and health check.
@@ -196,6 +222,7 @@ pub struct AuditSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct MetricsSettings {
     /// `host:port` serving `/metrics` and `/healthz`; absent means off.
+    /// Port 0 picks a free port, which is logged.
     pub listen: Option<String>,
 }
 
@@ -257,6 +284,40 @@ pub struct ProjectSettings {
     pub allow_scripts: bool,
     /// Overrides `encryption.strict` for this project when set.
     pub strict: Option<bool>,
+    /// What to do with written values that look sensitive. Default `off`.
+    pub leakage: LeakagePolicy,
+    /// What "sensitive" means for this project: substrings matched without
+    /// regard to ASCII case, in values (`log`, `reject`) or in JSON field
+    /// names (`redact`). Absent means [`DEFAULT_LEAKAGE_PATTERNS`].
+    pub leakage_patterns: Option<Vec<String>>,
+}
+
+/// The seed document's sensitive-data patterns, used by a project that
+/// sets `leakage` without `leakage_patterns`.
+pub const DEFAULT_LEAKAGE_PATTERNS: &[&str] = &["password", "secret", "key", "token", "credential"];
+
+/// Most patterns one project may list, and the longest one, in bytes. Every
+/// written value is searched for every pattern, so both bound that cost.
+pub const MAX_LEAKAGE_PATTERNS: usize = 64;
+pub const MAX_LEAKAGE_PATTERN_LEN: usize = 256;
+
+/// The data-leakage policy of a project (SPEC §7). It applies to the value
+/// arguments of commands that write, as the command table names them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LeakagePolicy {
+    /// Values are not scanned.
+    #[default]
+    Off,
+    /// A value that matches is written, and an alert names the patterns
+    /// found and a severity, never the value.
+    Log,
+    /// A value that matches is refused with an error reply (and alerted).
+    Reject,
+    /// In a value that is a JSON object, the values of fields whose names
+    /// match become `"[REDACTED]"` before the value is sealed (and alerted).
+    /// Other values that match are written as they are, and alerted.
+    Redact,
 }
 
 /// How much of the protection is switched on (the seed document's levels,
@@ -360,9 +421,7 @@ pub fn load(path: &Path, env: &HashMap<String, String>) -> Result<Settings, Conf
     let (lists, scalars): (HashMap<_, _>, HashMap<_, _>) = env
         .iter()
         .map(|(k, v)| (k.clone(), v.clone()))
-        .partition(|(k, v)| {
-            !v.is_empty() && generic_key(k).is_some_and(|key| LIST_FIELDS.contains(&key.as_str()))
-        });
+        .partition(|(k, v)| !v.is_empty() && generic_key(k).is_some_and(|key| is_list_field(&key)));
     let generic = Environment::with_prefix(ENV_PREFIX)
         .prefix_separator(ENV_SEPARATOR)
         .separator(ENV_SEPARATOR)
@@ -426,6 +485,16 @@ pub fn process_env() -> HashMap<String, String> {
 /// Fields that hold a list; a generic variable sets them as
 /// comma-separated text, e.g. `REDCLOAK__UPSTREAM__NODES=a:7000,b:7000`.
 const LIST_FIELDS: &[&str] = &["upstream.nodes"];
+
+/// Whether the dotted `key` is a list field: one of [`LIST_FIELDS`], or a
+/// project's `leakage_patterns`.
+fn is_list_field(key: &str) -> bool {
+    LIST_FIELDS.contains(&key)
+        || key
+            .strip_prefix("projects.")
+            .and_then(|rest| rest.strip_suffix(".leakage_patterns"))
+            .is_some_and(|name| !name.is_empty() && !name.contains('.'))
+}
 
 /// The dotted field a generic variable sets (`REDCLOAK__SERVER__TLS__CERT`
 /// sets `server.tls.cert`), or `None` for any other variable.
@@ -677,6 +746,8 @@ fn enum_reason(field: &str, reason: String) -> String {
         "\"read\", \"readwrite\" or \"admin\""
     } else if field == "upstream.mode" {
         "\"single\" or \"cluster\""
+    } else if field.ends_with(".leakage") {
+        "\"off\", \"log\", \"reject\" or \"redact\""
     } else {
         return format!("{value:?} is not an allowed value");
     };
@@ -709,9 +780,40 @@ impl Settings {
         self.validate_encryption()?;
         self.validate_audit()?;
         if let Some(listen) = &self.metrics.listen {
-            check_address(listen, true, false).map_err(|r| invalid("metrics.listen", r))?;
+            check_address(listen, true, true).map_err(|r| invalid("metrics.listen", r))?;
         }
+        self.validate_projects()?;
         self.validate_users()
+    }
+
+    fn validate_projects(&self) -> Result<(), ConfigError> {
+        for (name, project) in &self.projects {
+            let Some(patterns) = &project.leakage_patterns else {
+                continue;
+            };
+            let field = format!("projects.{name}.leakage_patterns");
+            if patterns.len() > MAX_LEAKAGE_PATTERNS {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "has {} patterns; at most {MAX_LEAKAGE_PATTERNS} are allowed",
+                        patterns.len()
+                    ),
+                ));
+            }
+            for (i, pattern) in patterns.iter().enumerate() {
+                if pattern.is_empty() {
+                    return Err(invalid(format!("{field}[{i}]"), "must not be empty"));
+                }
+                if pattern.len() > MAX_LEAKAGE_PATTERN_LEN {
+                    return Err(invalid(
+                        format!("{field}[{i}]"),
+                        format!("must be at most {MAX_LEAKAGE_PATTERN_LEN} bytes"),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn validate_server(&self) -> Result<(), ConfigError> {
@@ -965,6 +1067,24 @@ impl Settings {
             (
                 self.users.is_empty(),
                 "no users are configured: every client will be refused at AUTH",
+            ),
+            (
+                audit.enabled && audit.log_key_names,
+                "audit.log_key_names is true: key names, which may hold personal data, \
+                 are written to the audit log",
+            ),
+            (
+                self.detection.failed_auth_per_minute == 0,
+                "detection.failed_auth_per_minute is 0: bursts of failed logins raise no alert",
+            ),
+            (
+                self.detection.access_per_minute == 0,
+                "detection.access_per_minute is 0: unusual access volume raises no alert",
+            ),
+            (
+                audit.lockout_shared && !server.project_isolation,
+                "audit.lockout_shared is true while server.project_isolation is false: \
+                 clients can name, and so delete, the shared lockout counters",
             ),
         ];
         let mut out: Vec<String> = switches
@@ -1308,6 +1428,17 @@ impl Default for AuditSettings {
             failed_access_threshold: 5,
             failed_access_window_secs: 300,
             lockout_secs: 300,
+            log_key_names: false,
+            lockout_shared: false,
+        }
+    }
+}
+
+impl Default for DetectionSettings {
+    fn default() -> Self {
+        DetectionSettings {
+            failed_auth_per_minute: 10,
+            access_per_minute: 1000,
         }
     }
 }
@@ -2252,7 +2383,7 @@ mod tests {
                 Box::new(|s| {
                     let scripts = ProjectSettings {
                         allow_scripts: true,
-                        strict: None,
+                        ..ProjectSettings::default()
                     };
                     s.projects.insert("billing".into(), scripts);
                 }),
@@ -2303,8 +2434,8 @@ mod tests {
         s.projects.insert(
             "billing".into(),
             ProjectSettings {
-                allow_scripts: false,
                 strict: Some(false),
+                ..ProjectSettings::default()
             },
         );
         assert!(!s.strict_for("billing"));
@@ -2338,5 +2469,144 @@ mod tests {
         assert_eq!(hash_iterations("$pbkdf2-sha256$i=1000$a$b"), Some(1000));
         assert_eq!(hash_iterations("$pbkdf2-sha256$rounds=1000$a$b"), None);
         assert_eq!(hash_iterations("$argon2id$i=1000"), None);
+    }
+
+    #[test]
+    fn audit_detection_and_leakage_settings_have_safe_defaults() {
+        let s = load_ok("", &[]);
+        assert!(!s.audit.log_key_names);
+        assert!(!s.audit.lockout_shared);
+        assert_eq!(s.detection.failed_auth_per_minute, 10);
+        assert_eq!(s.detection.access_per_minute, 1000);
+        let project = s.project("billing");
+        assert_eq!(project.leakage, LeakagePolicy::Off);
+        assert!(project.leakage_patterns.is_none());
+        assert_eq!(
+            DEFAULT_LEAKAGE_PATTERNS,
+            ["password", "secret", "key", "token", "credential"]
+        );
+    }
+
+    #[test]
+    fn audit_detection_and_leakage_settings_load_from_the_file() {
+        let s = load_ok(
+            "[audit]\nlog_key_names = true\nlockout_shared = true\n\
+             [detection]\nfailed_auth_per_minute = 3\naccess_per_minute = 0\n\
+             [projects.billing]\nleakage = \"redact\"\nleakage_patterns = [\"SSN\", \"iban\"]\n\
+             [metrics]\nlisten = \"127.0.0.1:0\"",
+            &[],
+        );
+        assert!(s.audit.log_key_names && s.audit.lockout_shared);
+        assert_eq!(s.detection.failed_auth_per_minute, 3);
+        assert_eq!(s.detection.access_per_minute, 0);
+        let project = s.project("billing");
+        assert_eq!(project.leakage, LeakagePolicy::Redact);
+        assert_eq!(
+            project.leakage_patterns.as_deref(),
+            Some(&["SSN".to_owned(), "iban".to_owned()][..])
+        );
+        assert_eq!(s.metrics.listen.as_deref(), Some("127.0.0.1:0"));
+    }
+
+    #[test]
+    fn an_unknown_leakage_policy_lists_the_allowed_ones() {
+        let e = load_err("[projects.billing]\nleakage = \"shred\"", &[]);
+        assert!(
+            e.contains("projects.billing.leakage")
+                && e.contains("\"off\", \"log\", \"reject\" or \"redact\""),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn leakage_patterns_must_be_non_empty_and_bounded() {
+        let mut s = valid();
+        let with_patterns = |patterns: Vec<String>| ProjectSettings {
+            leakage: LeakagePolicy::Log,
+            leakage_patterns: Some(patterns),
+            ..ProjectSettings::default()
+        };
+
+        s.projects.insert(
+            "billing".into(),
+            with_patterns(vec!["ssn".into(), String::new()]),
+        );
+        assert_eq!(
+            validate_err(&s),
+            "projects.billing.leakage_patterns[1]: must not be empty"
+        );
+
+        s.projects
+            .insert("billing".into(), with_patterns(vec!["x".repeat(257)]));
+        assert!(validate_err(&s).starts_with("projects.billing.leakage_patterns[0]: "));
+
+        s.projects
+            .insert("billing".into(), with_patterns(vec!["p".into(); 65]));
+        assert!(validate_err(&s).starts_with("projects.billing.leakage_patterns: has 65"));
+
+        s.projects
+            .insert("billing".into(), with_patterns(Vec::new()));
+        s.validate().expect("an empty list scans for nothing");
+    }
+
+    #[test]
+    fn a_generic_variable_sets_leakage_patterns_as_a_list() {
+        let s = load_ok(
+            "[projects.billing]\nleakage = \"log\"",
+            &[("REDCLOAK__PROJECTS__BILLING__LEAKAGE_PATTERNS", "ssn, iban")],
+        );
+        assert_eq!(
+            s.project("billing").leakage_patterns.as_deref(),
+            Some(&["ssn".to_owned(), "iban".to_owned()][..])
+        );
+        assert!(is_list_field("upstream.nodes"));
+        assert!(!is_list_field("projects..leakage_patterns"));
+        assert!(!is_list_field("projects.a.b.leakage_patterns"));
+    }
+
+    #[test]
+    fn weakened_audit_and_detection_settings_are_warned_about() {
+        let mut s = valid();
+        s.upstream.password = Some("pw".into());
+        let before = s.warnings().len();
+
+        let mut keys = s.clone();
+        keys.audit.log_key_names = true;
+        assert!(
+            keys.warnings()
+                .iter()
+                .any(|w| w.starts_with("audit.log_key_names is true"))
+        );
+        keys.audit.enabled = false;
+        assert!(
+            !keys
+                .warnings()
+                .iter()
+                .any(|w| w.starts_with("audit.log_key_names"))
+        );
+
+        let mut quiet = s.clone();
+        quiet.detection.failed_auth_per_minute = 0;
+        quiet.detection.access_per_minute = 0;
+        assert_eq!(quiet.warnings().len(), before + 2);
+
+        let mut open = s.clone();
+        open.audit.lockout_shared = true;
+        assert_eq!(open.warnings().len(), before);
+        open.server.project_isolation = false;
+        assert!(
+            open.warnings()
+                .iter()
+                .any(|w| w.starts_with("audit.lockout_shared is true"))
+        );
+    }
+
+    #[test]
+    fn the_metrics_listener_may_pick_a_free_port() {
+        let mut s = valid();
+        s.metrics.listen = Some("127.0.0.1:0".into());
+        s.validate().expect("port 0 picks a free port");
+        s.metrics.listen = Some("localhost:9121".into());
+        s.validate().expect("localhost is allowed");
     }
 }

@@ -5,15 +5,20 @@
 //! client (`frame` decodes, `command` + `plan` decide, `namespace` rewrites),
 //! `upstream` talks to Redis, and replies flow back through the same plan.
 
+pub mod audit;
 pub mod auth;
 pub mod command;
 pub mod config;
 pub mod crypto;
+pub mod detection;
 pub mod direct;
 pub mod frame;
 pub mod keyring;
 pub mod keys_cli;
+pub mod leakage;
 pub mod listener;
+pub mod lockout;
+pub mod metrics;
 pub mod namespace;
 pub mod plan;
 pub mod pubsub;

@@ -18,10 +18,15 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{info, warn};
 
+use redcloak::audit::Audit;
 use redcloak::auth::{self, Authenticator};
 use redcloak::config::{self, Settings};
+use redcloak::detection::Monitor;
 use redcloak::keyring::{self, KeyringFile, Sealer};
 use redcloak::keys_cli::{self, KeysCommand};
+use redcloak::leakage::Leakage;
+use redcloak::lockout::Lockout;
+use redcloak::metrics::{self, Metrics};
 use redcloak::reencrypt;
 use redcloak::session::{Encryption, SessionLimits, Shared};
 use redcloak::tls::{ServerTls, UpstreamTls};
@@ -184,8 +189,19 @@ async fn run(path: PathBuf, settings: Settings) -> anyhow::Result<()> {
         security_level = %settings.security_level(),
         "starting redcloak"
     );
-    for warning in settings.warnings() {
+    let warnings = settings.warnings();
+    for warning in &warnings {
         warn!("{warning}");
+    }
+
+    let metrics = Arc::new(Metrics::new());
+    let audit = Audit::start(&settings.audit, Arc::clone(&metrics)).context("audit.path")?;
+    if audit.is_enabled() {
+        info!(
+            path = %settings.audit.path,
+            access_logging = settings.audit.access_logging,
+            "audit log open"
+        );
     }
 
     let auth = Authenticator::new(&settings.users, auth::default_verification_concurrency())?;
@@ -199,7 +215,7 @@ async fn run(path: PathBuf, settings: Settings) -> anyhow::Result<()> {
             .then(|| Duration::from_millis(settings.upstream.request_timeout_ms)),
         project_isolation: settings.server.project_isolation,
     };
-    let encryption = encryption(&settings)?;
+    let encryption = encryption(&settings, &metrics)?;
     if let Some(e) = &encryption {
         info!(
             current_key = e.sealer.keyring().current_id(),
@@ -221,7 +237,13 @@ async fn run(path: PathBuf, settings: Settings) -> anyhow::Result<()> {
         info!(server_name = %tls.server_name(), "tls to the upstream");
         connector = connector.with_tls(Arc::new(tls));
     }
-    let shared = Arc::new(Shared::new(auth, connector, limits, encryption));
+    let lockout = lockout(&settings, connector.tls());
+    let monitor = Monitor::new(audit, metrics, lockout, &settings.detection);
+    monitor.config_warnings(&warnings);
+    let leakage = Leakage::new(&settings);
+    let shared = Arc::new(Shared::new(
+        auth, connector, limits, encryption, monitor, leakage,
+    ));
     shared.set_script_projects(script_projects(&settings));
 
     let signals = Signals::install()?;
@@ -231,6 +253,14 @@ async fn run(path: PathBuf, settings: Settings) -> anyhow::Result<()> {
     info!(addr = %socket.local_addr()?, "listening");
 
     let (trigger, shutdown) = shutdown::channel();
+    if let Some(listen) = &settings.metrics.listen {
+        let socket = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("metrics.listen: listening on {listen}"))?;
+        info!(metrics.addr = %socket.local_addr()?, "metrics endpoint ready");
+        let metrics = Arc::clone(shared.monitor.metrics());
+        tokio::spawn(metrics::serve(socket, metrics, shutdown.clone()));
+    }
     let rotation = (settings.encryption.enabled && settings.encryption.rotation_interval_secs > 0)
         .then(|| {
             tokio::spawn(rotate_periodically(
@@ -248,7 +278,7 @@ async fn run(path: PathBuf, settings: Settings) -> anyhow::Result<()> {
     ));
     listener::serve(
         socket,
-        shared,
+        Arc::clone(&shared),
         server_tls,
         settings.server.max_connections,
         shutdown,
@@ -259,6 +289,7 @@ async fn run(path: PathBuf, settings: Settings) -> anyhow::Result<()> {
     if let Some(rotation) = rotation {
         rotation.abort();
     }
+    shared.monitor.audit().close().await;
     info!("shutdown finished");
     Ok(())
 }
@@ -287,7 +318,8 @@ impl Signals {
 }
 
 /// SIGTERM and SIGINT announce shutdown; SIGHUP reloads the users, the
-/// keyring and the certificates.
+/// keyring, the leakage policies and the certificates, and reopens the audit
+/// log (for log rotation).
 async fn watch_signals(
     mut signals: Signals,
     path: PathBuf,
@@ -300,6 +332,9 @@ async fn watch_signals(
             _ = signals.term.recv() => break,
             _ = signals.int.recv() => break,
             _ = signals.hup.recv() => {
+                // Reopened first, so that after a rotation the reload's
+                // own events land in the fresh file.
+                shared.monitor.audit().reopen().await;
                 reload(&path, &shared);
                 reload_certificates(&path, server_tls.as_deref(), &shared);
             }
@@ -309,8 +344,23 @@ async fn watch_signals(
     trigger.fire();
 }
 
+/// Failed-login lockout, with counters in the upstream when
+/// `audit.lockout_shared` is set (over its own links, with the same TLS).
+fn lockout(settings: &Settings, tls: Option<&Arc<UpstreamTls>>) -> Lockout {
+    let lockout = Lockout::new(&settings.audit);
+    if !settings.audit.lockout_shared {
+        return lockout;
+    }
+    info!("lockout counters are shared through the upstream");
+    let mut connector = Connector::new(&settings.upstream);
+    if let Some(tls) = tls {
+        connector = connector.with_tls(Arc::clone(tls));
+    }
+    lockout.shared_through(connector)
+}
+
 /// The sealing settings, or `None` when encryption is off.
-fn encryption(settings: &Settings) -> anyhow::Result<Option<Encryption>> {
+fn encryption(settings: &Settings, metrics: &Metrics) -> anyhow::Result<Option<Encryption>> {
     let enc = &settings.encryption;
     if !enc.enabled {
         return Ok(None);
@@ -322,7 +372,10 @@ fn encryption(settings: &Settings) -> anyhow::Result<Option<Encryption>> {
         .filter_map(|(name, project)| project.strict.map(|strict| (name.clone(), strict)))
         .collect();
     Ok(Some(Encryption {
-        sealer: Arc::new(Sealer::new(keyring, enc.compression_threshold, false)),
+        sealer: Arc::new(
+            Sealer::new(keyring, enc.compression_threshold, false)
+                .with_counters(metrics.seal_counters()),
+        ),
         strict: enc.strict,
         strict_projects,
     }))
@@ -368,14 +421,27 @@ async fn rotate_periodically(path: PathBuf, shared: Arc<Shared>, interval: Durat
     }
 }
 
-/// Re-reads the configuration and swaps in its users and keyring. A broken
-/// file leaves the running settings untouched.
+/// Re-reads the configuration and swaps in its users, keyring and leakage
+/// policies; a new current key is audited as `key_rotated`. A broken file
+/// leaves the running settings untouched. Audit, lockout, detection and
+/// metrics settings need a restart.
 fn reload(path: &Path, shared: &Shared) {
+    let current_key = |encryption: Option<&Encryption>| {
+        encryption.map(|e| e.sealer.keyring().current_id().to_owned())
+    };
+    let previous = current_key(shared.encryption().as_deref());
     let outcome = load(path).and_then(|settings| {
-        let encryption = encryption(&settings)?;
+        let encryption = encryption(&settings, shared.monitor.metrics())?;
         shared.auth.reload(&settings.users)?;
+        let current = current_key(encryption.as_ref());
         shared.replace_encryption(encryption);
         shared.set_script_projects(script_projects(&settings));
+        shared.leakage.reload(&settings);
+        if let (Some(previous), Some(current)) = (previous, current)
+            && previous != current
+        {
+            shared.monitor.key_rotated(&previous, &current);
+        }
         Ok(())
     });
     match outcome {

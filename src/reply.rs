@@ -113,39 +113,44 @@ pub(crate) fn edit_frame<E: From<ProtocolError>>(
 /// the plan of the command queued in its place. A null (a `WATCH`ed key
 /// changed) or an error (`EXECABORT`) passes as it is. An element whose
 /// value fails to open becomes an error element; the others are kept.
+/// Returns the command and error of each element that failed to open.
 pub fn transform_exec(
     plans: &[Plan],
     raw: Bytes,
     resp3: bool,
     out: &mut BytesMut,
-) -> Result<(), ProtocolError> {
+) -> Result<Vec<(&'static str, OpenError)>, ProtocolError> {
     let untouched = !raw.starts_with(b"*")
         || raw.starts_with(b"*-1")
         || !plans.iter().any(Plan::transforms_reply);
     if untouched {
         out.extend_from_slice(&raw);
-        return Ok(());
+        return Ok(Vec::new());
     }
 
+    // One of the two edits runs, depending on the protocol.
+    let (mut failed, mut failed3) = (Vec::new(), Vec::new());
     edit_frame::<ProtocolError>(
         &raw,
         resp3,
         out,
         |f| {
-            apply_each(f, plans);
+            failed = apply_each(f, plans);
             Ok(true)
         },
         |f| {
-            apply_each(f, plans);
+            failed3 = apply_each(f, plans);
             Ok(true)
         },
     )?;
-    Ok(())
+    failed.append(&mut failed3);
+    Ok(failed)
 }
 
-fn apply_each<F: ReplyTree>(frame: &mut F, plans: &[Plan]) {
+fn apply_each<F: ReplyTree>(frame: &mut F, plans: &[Plan]) -> Vec<(&'static str, OpenError)> {
+    let mut failed = Vec::new();
     let Some(items) = frame.items_mut() else {
-        return;
+        return failed;
     };
     for (item, plan) in items.iter_mut().zip(plans) {
         if plan.transforms_reply()
@@ -153,8 +158,10 @@ fn apply_each<F: ReplyTree>(frame: &mut F, plans: &[Plan]) {
         {
             tracing::warn!(command = plan.command, error = %e, "a value could not be opened");
             *item = F::error(&format!("ERR redcloak could not open a stored value: {e}"));
+            failed.push((plan.command, e));
         }
     }
+    failed
 }
 
 /// The payload of a frame that is one bulk string, already measured by the

@@ -12,6 +12,7 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 use crate::crypto::{self, DEFAULT_MAX_PLAINTEXT, OpenError, ProjectKeys, SealError};
 use crate::keyring::Keyring;
+use crate::metrics::SealCounters;
 
 /// Seals and opens values for every project with one keyring: the handle
 /// the session holds.
@@ -30,6 +31,9 @@ pub struct Sealer {
     /// instead of building an owned pair. The lock is held only for a map
     /// lookup or insert, never while deriving or sealing.
     derived: RwLock<HashMap<String, HashMap<String, Arc<ProjectKeys>>>>,
+    /// Bytes sealed, opened and saved by compression, when the proxy counts
+    /// them (`reencrypt` does not).
+    counters: Option<SealCounters>,
 }
 
 /// The result of [`Sealer::open`]. `Debug` shows the kind and length only,
@@ -79,7 +83,14 @@ impl Sealer {
             strict,
             max_plaintext: DEFAULT_MAX_PLAINTEXT,
             derived: RwLock::new(HashMap::new()),
+            counters: None,
         }
+    }
+
+    /// Counts every value sealed and opened in `counters`.
+    pub fn with_counters(mut self, counters: SealCounters) -> Sealer {
+        self.counters = Some(counters);
+        self
     }
 
     /// Changes the largest plaintext `open` returns.
@@ -98,7 +109,15 @@ impl Sealer {
         let keys = self
             .project_keys(key_id, project)
             .expect("keyring invariant: the current key is in the keyring");
-        crypto::seal(&keys, key_id, plaintext, self.compression_threshold)
+        let sealed = crypto::seal(&keys, key_id, plaintext, self.compression_threshold)?;
+        if let Some(counters) = &self.counters {
+            counters.sealed(
+                plaintext.len(),
+                sealed.len(),
+                uncompressed_len(key_id, plaintext.len()),
+            );
+        }
+        Ok(sealed)
     }
 
     /// Opens a value read for `project`. A value without the magic is
@@ -116,7 +135,11 @@ impl Sealer {
         let keys = self
             .project_keys(header.key_id, project)
             .ok_or_else(|| OpenError::UnknownKey(header.key_id.to_owned()))?;
-        crypto::open(&keys, value, self.max_plaintext).map(Opened::Sealed)
+        let plaintext = crypto::open(&keys, value, self.max_plaintext)?;
+        if let Some(counters) = &self.counters {
+            counters.opened(plaintext.len());
+        }
+        Ok(Opened::Sealed(plaintext))
     }
 
     /// Whether `value` is sealed under a key other than the current one, so
@@ -157,6 +180,13 @@ impl Sealer {
     }
 }
 
+/// The length of `plaintext_len` bytes sealed without compression (SPEC §6):
+/// magic, version, flags and key id length (6 bytes), the key id, a 16-byte
+/// IV, the PKCS#7-padded plaintext and a 32-byte tag.
+fn uncompressed_len(key_id: &str, plaintext_len: usize) -> usize {
+    6 + key_id.len() + 16 + (plaintext_len / 16 + 1) * 16 + 32
+}
+
 impl fmt::Debug for Sealer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sealer")
@@ -194,6 +224,31 @@ mod tests {
             sealer.open("shipping", &sealed),
             Err(OpenError::Integrity)
         ));
+    }
+
+    #[test]
+    fn counters_see_bytes_sealed_opened_and_saved_by_compression() {
+        let metrics = crate::metrics::Metrics::new();
+        let sealer = Sealer::new(Keyring::from_env_key(SECRET_B64).unwrap(), 64, false)
+            .with_counters(metrics.seal_counters());
+        let small = sealer.seal("billing", b"0123456789").unwrap();
+        assert_eq!(small.len(), uncompressed_len("env", 10));
+        let large = sealer.seal("billing", &[b'a'; 1000]).unwrap();
+        sealer.open("billing", &large).unwrap();
+        sealer.open("billing", b"plain").unwrap();
+
+        let text = metrics.encode();
+        let saved = uncompressed_len("env", 1000) - large.len();
+        assert!(saved > 900, "{saved}");
+        assert!(
+            text.contains("redcloak_sealed_bytes_total 1010\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("redcloak_opened_bytes_total 1000\n"),
+            "{text}"
+        );
+        assert!(text.contains(&format!("redcloak_compression_saved_bytes_total {saved}\n")));
     }
 
     #[test]

@@ -21,8 +21,11 @@ use tracing::{Instrument, debug, field, warn};
 
 use crate::auth::{Authenticator, Identity};
 use crate::command::{self, Access, Handling, Local};
+use crate::detection::{self, Monitor, Tracking};
 use crate::frame::{self, Limits, ProtocolError, ReplyWriter, Scanner};
 use crate::keyring::Sealer;
+use crate::leakage::{Leakage, Screened};
+use crate::metrics::Outcome;
 use crate::namespace::Namespace;
 use crate::plan::{self, Plan, Values};
 use crate::reply::{self, ReplyError};
@@ -60,6 +63,10 @@ pub struct Shared {
     pub auth: Authenticator,
     pub upstream: Connector,
     pub limits: SessionLimits,
+    /// Metrics, audit log, lockout and alerts: every session reports here.
+    pub monitor: Monitor,
+    /// Each project's data-leakage policy for written values.
+    pub leakage: Leakage,
     /// `None` when encryption is off. Swapped whole on reload; sessions pick
     /// up the new one before their next batch of requests.
     encryption: RwLock<Option<Arc<Encryption>>>,
@@ -115,11 +122,15 @@ impl Shared {
         upstream: Connector,
         limits: SessionLimits,
         encryption: Option<Encryption>,
+        monitor: Monitor,
+        leakage: Leakage,
     ) -> Shared {
         Shared {
             auth,
             upstream,
             limits,
+            monitor,
+            leakage,
             encryption: RwLock::new(encryption.map(Arc::new)),
             script_projects: RwLock::default(),
             patterns: PatternRegistry::default(),
@@ -173,10 +184,15 @@ enum Pending {
         plan: Plan,
         deliver: bool,
         blocking: bool,
+        tracking: Tracking,
     },
     /// A forwarded `EXEC`: each element of its reply belongs to the plan of
     /// the command queued in its place.
-    Exec { plans: Vec<Plan>, deliver: bool },
+    Exec {
+        plans: Vec<Plan>,
+        deliver: bool,
+        tracking: Tracking,
+    },
     /// A forwarded (un)subscribe: `remaining` confirmations are still to
     /// come, pushed like messages.
     PubSub { remaining: usize, deliver: bool },
@@ -240,6 +256,11 @@ struct Session {
     /// Blocking requests in flight; the upstream deadline waits for none.
     blocking_in_flight: usize,
     upstream_deadline: Deadline,
+    /// The table name of the request being handled, for the audit log.
+    command: &'static str,
+    /// How the proxy answered the request being handled, when it answered
+    /// it itself; forwarded requests are reported when their reply comes.
+    answered: Option<Outcome>,
 }
 
 /// Runs one client session to its end. `logged_in` is the user a verified
@@ -262,6 +283,10 @@ pub async fn run(
     );
     async move {
         debug!("connection opened");
+        let _open = shared.monitor.metrics().connection();
+        if let Some(identity) = &logged_in {
+            shared.monitor.logged_in(peer, identity, "certificate");
+        }
         let mut session = Session::new(id, peer, shared);
         if let Some(identity) = logged_in {
             session.log_in(identity);
@@ -297,6 +322,8 @@ impl Session {
             key_scratch: Vec::new(),
             blocking_in_flight: 0,
             upstream_deadline: Deadline::new(shared.limits.upstream_timeout),
+            command: "unknown",
+            answered: None,
             shared,
         }
     }
@@ -444,7 +471,14 @@ impl Session {
             if args.is_empty() {
                 continue;
             }
+            self.command = "unknown";
+            self.answered = None;
             self.handle(args).await;
+            if let Some(outcome) = self.answered.take() {
+                let identity = self.identity.as_ref();
+                let monitor = &self.shared.monitor;
+                monitor.answered(self.peer, identity, self.command, outcome);
+            }
         }
         Ok(())
     }
@@ -455,7 +489,9 @@ impl Session {
         let spec = if self.identity.is_none() {
             match command::lookup(&args) {
                 Ok(spec) if is_pre_auth(spec.handling) => spec,
-                _ => {
+                found => {
+                    let name = found.map_or("unknown", detection::command_name);
+                    self.deny(name, "not_authenticated");
                     self.reply_local(|w, out| w.error(out, "NOAUTH Authentication required."));
                     return;
                 }
@@ -466,8 +502,10 @@ impl Session {
                 Err(e) => return self.refuse(&e.to_string()),
             }
         };
+        self.command = detection::command_name(spec);
 
         if let Some(denied) = self.permission_error(spec) {
+            self.deny(self.command, "permission");
             return self.refuse(&denied);
         }
         if !self.writer.resp3 && self.subscriptions.active() && !allowed_while_subscribed(spec) {
@@ -483,11 +521,13 @@ impl Session {
                 "ERR '{}' is not available through redcloak: scripts are not allowed for this project",
                 display_name(&args)
             );
+            self.deny(self.command, "refused");
             return self.refuse(&text);
         }
 
         match spec.handling {
             Handling::Refuse(reason) => {
+                self.deny(self.command, "refused");
                 let text = format!(
                     "ERR '{}' is not available through redcloak: {reason}",
                     display_name(&args)
@@ -509,11 +549,23 @@ impl Session {
             Handling::Forward => match spec.name {
                 "multi" | "exec" | "discard" => self.transaction_command(spec, &args).await,
                 _ => match refused_form(spec, &args) {
-                    Some(text) => self.refuse(text),
+                    Some(text) => {
+                        self.deny(self.command, "refused");
+                        self.refuse(text)
+                    }
                     None => self.forward(spec, &args).await,
                 },
             },
         }
+    }
+
+    /// Reports a request the client may not make (the caller then answers
+    /// it with an error).
+    fn deny(&mut self, command: &'static str, reason: &'static str) {
+        let identity = self.identity.as_ref();
+        let monitor = &self.shared.monitor;
+        monitor.denied(self.peer, identity, command, reason);
+        self.answered = Some(Outcome::Denied);
     }
 
     /// Answers an error for a request the proxy won't forward. Inside
@@ -533,6 +585,16 @@ impl Session {
         if !self.ensure_link().await {
             return;
         }
+        let (leakage, monitor) = (&self.shared.leakage, &self.shared.monitor);
+        let redacted;
+        let args = match leakage.screen(monitor, self.peer, self.identity.as_ref(), spec, args) {
+            Screened::Pass => args,
+            Screened::Redacted(screened) => {
+                redacted = screened;
+                &redacted[..]
+            }
+            Screened::Rejected(text) => return self.refuse(&text),
+        };
         let rewritten = plan::rewrite(
             spec,
             args,
@@ -560,10 +622,13 @@ impl Session {
         let deliver = self.take_delivery();
         let blocking = self.transaction.is_none() && deadline::blocks(spec, args);
         self.blocking_in_flight += usize::from(blocking);
+        let monitor = &self.shared.monitor;
+        let tracking = monitor.track(self.identity.as_ref(), spec, args);
         self.pending.push_back(Pending::Upstream {
             plan,
             deliver,
             blocking,
+            tracking,
         });
     }
 
@@ -586,7 +651,8 @@ impl Session {
     /// Verifies credentials and, on success, moves the session into the
     /// user's project.
     async fn authenticate(&mut self, user: &[u8], password: &[u8]) -> bool {
-        let Some(identity) = self.shared.auth.verify(user, password).await else {
+        let (auth, monitor) = (&self.shared.auth, &self.shared.monitor);
+        let Some(identity) = monitor.login(auth, self.peer, user, password).await else {
             debug!("authentication failed");
             return false;
         };
@@ -682,15 +748,22 @@ impl Session {
     /// replies so that order is kept.
     fn reply_local(&mut self, write: impl FnOnce(&ReplyWriter, &mut BytesMut)) {
         if !self.take_delivery() {
+            self.answered.get_or_insert(Outcome::Ok);
             return;
         }
-        if self.pending.is_empty() {
+        let error = if self.pending.is_empty() {
+            let start = self.client_out.len();
             write(&self.writer, &mut self.client_out);
+            self.client_out.get(start) == Some(&b'-')
         } else {
             let mut reply = BytesMut::new();
             write(&self.writer, &mut reply);
+            let error = reply.first() == Some(&b'-');
             self.pending.push_back(Pending::Ready(reply.freeze()));
-        }
+            error
+        };
+        self.answered
+            .get_or_insert(if error { Outcome::Error } else { Outcome::Ok });
     }
 
     /// Matches every complete upstream reply with the plan at the head of
@@ -731,25 +804,32 @@ impl Session {
                 continue;
             }
 
+            let monitor = &self.shared.monitor;
             match self.pending.pop_front() {
                 Some(Pending::Upstream {
                     plan,
                     deliver,
                     blocking,
+                    tracking,
                 }) => {
                     self.blocking_in_flight -= usize::from(blocking);
+                    let mut outcome = reply_outcome(&raw);
                     if deliver {
                         match reply::transform(&plan, raw, link.resp3, &mut self.client_out) {
                             Ok(()) => {}
                             Err(ReplyError::Protocol(e)) => {
                                 // This request's plan is taken already: its
                                 // error goes here, the others' in `upstream_lost`.
+                                monitor.replied(self.peer, &tracking, Outcome::Error);
                                 self.writer.error(&mut self.client_out, UPSTREAM_LOST);
                                 return Err(Fault::Upstream(e.into()));
                             }
                             Err(ReplyError::Open(e)) => {
                                 // Logged without key or value; the session goes on.
                                 warn!(command = plan.command, error = %e, "a value could not be opened");
+                                let command = tracking.command();
+                                monitor.integrity_failure(self.peer, &tracking, command, &e);
+                                outcome = Outcome::Error;
                                 self.writer.error(
                                     &mut self.client_out,
                                     &format!("ERR redcloak could not open a stored value: {e}"),
@@ -757,15 +837,30 @@ impl Session {
                             }
                         }
                     }
+                    monitor.replied(self.peer, &tracking, outcome);
                 }
-                Some(Pending::Exec { plans, deliver }) => {
-                    if deliver
-                        && let Err(e) =
-                            reply::transform_exec(&plans, raw, link.resp3, &mut self.client_out)
-                    {
-                        self.writer.error(&mut self.client_out, UPSTREAM_LOST);
-                        return Err(Fault::Upstream(e.into()));
+                Some(Pending::Exec {
+                    plans,
+                    deliver,
+                    tracking,
+                }) => {
+                    let outcome = reply_outcome(&raw);
+                    if deliver {
+                        let transformed =
+                            reply::transform_exec(&plans, raw, link.resp3, &mut self.client_out);
+                        let failed = match transformed {
+                            Ok(failed) => failed,
+                            Err(e) => {
+                                monitor.replied(self.peer, &tracking, Outcome::Error);
+                                self.writer.error(&mut self.client_out, UPSTREAM_LOST);
+                                return Err(Fault::Upstream(e.into()));
+                            }
+                        };
+                        for (command, e) in &failed {
+                            monitor.integrity_failure(self.peer, &tracking, command, e);
+                        }
                     }
+                    monitor.replied(self.peer, &tracking, outcome);
                 }
                 Some(Pending::Hello { resp3, deliver }) => {
                     if raw.first() != Some(&b'-') {
@@ -808,6 +903,15 @@ impl Session {
         self.up_out.clear();
         self.blocking_in_flight = 0;
         self.upstream_deadline.stop();
+        for entry in &self.pending {
+            let monitor = &self.shared.monitor;
+            match entry {
+                Pending::Upstream { tracking, .. } | Pending::Exec { tracking, .. } => {
+                    monitor.replied(self.peer, tracking, Outcome::Error)
+                }
+                _ => {}
+            }
+        }
         for entry in std::mem::take(&mut self.pending) {
             match entry {
                 Pending::Upstream { deliver: true, .. }
@@ -868,6 +972,15 @@ fn allowed_while_subscribed(spec: &command::CommandSpec) -> bool {
             Local::Subscribe(_) | Local::Unsubscribe(_) | Local::Ping | Local::Quit | Local::Reset
         )
     )
+}
+
+/// How an upstream reply ended, from its first byte: an error frame (RESP2
+/// or RESP3, simple or blob) or anything else.
+fn reply_outcome(raw: &[u8]) -> Outcome {
+    match raw.first() {
+        Some(b'-' | b'!') => Outcome::Error,
+        _ => Outcome::Ok,
+    }
 }
 
 /// Commands answered before authentication (SPEC: AUTH, HELLO, QUIT, RESET).

@@ -224,10 +224,13 @@ impl Session {
             values: None,
         };
         let deliver = self.take_delivery();
+        let identity = self.identity.as_ref();
+        let tracking = self.shared.monitor.track_named(identity, command);
         self.pending.push_back(Pending::Upstream {
             plan,
             deliver,
             blocking: false,
+            tracking,
         });
     }
 

@@ -47,9 +47,14 @@ impl Session {
             ("exec", Some(transaction)) => {
                 frame::put_request(&mut self.up_out, [&b"EXEC"[..]].into_iter());
                 let deliver = self.take_delivery();
+                let tracking = self
+                    .shared
+                    .monitor
+                    .track(self.identity.as_ref(), spec, args);
                 self.pending.push_back(Pending::Exec {
                     plans: transaction.plans,
                     deliver,
+                    tracking,
                 });
             }
             _ => self.forward(spec, args).await,
