@@ -13,6 +13,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tracing::{Instrument, debug, info, warn};
 
+use crate::metrics::Metrics;
 use crate::session::{self, Shared};
 use crate::shutdown::Shutdown;
 use crate::tls::{self, ServerTls};
@@ -77,7 +78,9 @@ pub async fn serve(
             match tls {
                 None => session::run(Box::new(socket), peer, shared, None, session_shutdown).await,
                 Some(tls) => {
-                    if let Some((stream, identity)) = handshake(&tls, socket, peer).await {
+                    if let Some((stream, identity)) =
+                        handshake(&tls, socket, peer, shared.monitor.metrics()).await
+                    {
                         // The session's span nests in this one, so its log
                         // lines carry the certificate's names.
                         let span = tracing::debug_span!("tls", client.cert = %identity);
@@ -111,6 +114,7 @@ async fn handshake(
     tls: &ServerTls,
     socket: TcpStream,
     peer: std::net::SocketAddr,
+    metrics: &Metrics,
 ) -> Option<(BoxStream, tls::PeerIdentity)> {
     match tls.accept(socket, tls::HANDSHAKE_TIMEOUT).await {
         Ok((stream, identity)) => {
@@ -127,10 +131,17 @@ async fn handshake(
         // broken peers are routine on an exposed port.
         Err(e @ tls::TlsError::ClientHandshake(_)) => {
             warn!(client.addr = %peer, error = %e, "tls handshake failed");
+            metrics.tls_handshake_failure("refused");
             None
         }
         Err(e) => {
             debug!(client.addr = %peer, error = %e, "tls handshake failed");
+            let reason = match e {
+                tls::TlsError::ClientNotTls => "plaintext",
+                tls::TlsError::ClientHandshakeTimeout(_) => "timeout",
+                _ => "refused",
+            };
+            metrics.tls_handshake_failure(reason);
             None
         }
     }

@@ -131,6 +131,7 @@ pub struct Metrics {
     alerts: Family<AlertLabels, Counter>,
     audit_dropped: Counter,
     audit_write_errors: Counter,
+    tls_handshake_failures: Family<ReasonLabels, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -169,6 +170,7 @@ impl Metrics {
             alerts: Family::default(),
             audit_dropped: Counter::default(),
             audit_write_errors: Counter::default(),
+            tls_handshake_failures: Family::default(),
         };
         metrics.registered()
     }
@@ -246,6 +248,11 @@ impl Metrics {
             "Failed writes of the audit log",
             self.audit_write_errors.clone(),
         );
+        r.register(
+            "tls_handshake_failures",
+            "Client TLS handshakes that failed, by reason (plaintext, timeout, refused)",
+            self.tls_handshake_failures.clone(),
+        );
         self
     }
 
@@ -299,6 +306,13 @@ impl Metrics {
 
     pub fn alert(&self, alert_type: &'static str) {
         self.alerts.get_or_create(&AlertLabels { alert_type }).inc();
+    }
+
+    /// Counts a failed client TLS handshake.
+    pub fn tls_handshake_failure(&self, reason: &'static str) {
+        self.tls_handshake_failures
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     pub fn audit_dropped(&self) {

@@ -215,3 +215,42 @@ fn healthz_answers_and_other_requests_are_refused() {
     );
     assert_eq!(get(port, "hello\r\n\r\n").0, "HTTP/1.1 400 Bad Request");
 }
+
+#[test]
+fn failed_tls_handshakes_are_counted_by_reason() {
+    let redis = Redis::start();
+    let certs = tempfile::tempdir().unwrap();
+    gen_certs(certs.path(), false);
+    let toml = config_toml(redis.port, USERS, "").replace(
+        "[audit]\nenabled = false\n",
+        "[audit]\nenabled = false\n[metrics]\nlisten = \"127.0.0.1:0\"\n",
+    ) + &server_tls_toml(certs.path(), false);
+    let proxy = Proxy::start_toml(&toml);
+    let line = wait_for_log(&proxy, "metrics endpoint ready", Duration::from_secs(10))
+        .expect("the proxy logs its metrics address");
+    let port: u16 = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("metrics.addr=127.0.0.1:"))
+        .and_then(|p| p.parse().ok())
+        .expect("a port in the log line");
+
+    // A plaintext client on the TLS port.
+    let mut plain = proxy.raw();
+    plain.send(&["PING"]);
+    assert!(plain.try_reply().is_some_and(|r| r.starts_with(b"-ERR")));
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, body) = get(port, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        let samples = parse(&body);
+        let series = "redcloak_tls_handshake_failures_total{reason=\"plaintext\"}";
+        if samples.get(series) == Some(&1.0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no plaintext failure counted:\n{body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
