@@ -85,7 +85,7 @@ fuzz_target!(|data: &[u8]| {
             pubsub::transform(&namespace, &raw, resp3, &mut out).map_err(|_| ())
         } else if exec {
             reply::transform_exec(&plans, raw, resp3, &mut out)
-                .map(|()| true)
+                .map(|_failed_to_open| true)
                 .map_err(|_| ())
         } else {
             reply::transform(&plan, raw, resp3, &mut out)
