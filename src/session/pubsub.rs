@@ -17,6 +17,12 @@ use crate::pubsub::{self, PushKind};
 /// The channels, patterns and shard channels one session is subscribed to,
 /// under the client's names. Mirrors what Redis holds for the session's
 /// upstream link, since every (un)subscribe goes through here.
+///
+/// Messages are unprefixed with the session's current namespace. A client
+/// that re-authenticates into another project while subscribed keeps its
+/// old subscriptions upstream, and their messages, which no longer match
+/// the namespace, are dropped rather than shown; Redis itself has no
+/// projects, so there is no behaviour to copy here.
 #[derive(Debug, Default)]
 pub(super) struct Subscriptions {
     channels: HashSet<Bytes>,
