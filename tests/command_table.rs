@@ -26,7 +26,20 @@ struct Server {
 }
 
 impl Server {
-    fn start() -> Server {
+    /// Starts a server on a free port and connects to it. Other tests pick
+    /// free ports at the same moment, so a server that answers on the port
+    /// must prove it is this child (by its process id) before it is used.
+    fn start_and_connect() -> (Server, Client) {
+        for _ in 0..20 {
+            let mut server = Server::spawn();
+            if let Some(client) = server.connect() {
+                return (server, client);
+            }
+        }
+        panic!("could not start redis-server on a free port");
+    }
+
+    fn spawn() -> Server {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("the test can bind a local port")
@@ -42,27 +55,26 @@ impl Server {
         Server { child, port }
     }
 
-    fn connect(&mut self) -> Client {
+    /// A client of this server, or `None` if it did not come up on its
+    /// port (taken by someone else meanwhile).
+    fn connect(&mut self) -> Option<Client> {
         let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("redis-server exited early ({status})");
+        let own_pid = format!("process_id:{}", self.child.id());
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return None;
             }
             if let Ok(stream) = TcpStream::connect(("127.0.0.1", self.port)) {
                 let mut client = Client {
                     reader: BufReader::new(stream),
                 };
-                if client.call(&[b"PING"]) == Value::Simple("PONG".into()) {
-                    return client;
-                }
+                let info = client.call(&[b"INFO", b"server"]);
+                return matches!(&info, Value::Bulk(text) if String::from_utf8_lossy(text).contains(&own_pid))
+                    .then_some(client);
             }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not answer on port {}",
-                self.port
-            );
             sleep(Duration::from_millis(50));
         }
+        None
     }
 }
 
@@ -256,8 +268,7 @@ fn server_version(client: &mut Client) -> String {
 
 #[test]
 fn the_table_has_exactly_the_servers_commands() {
-    let mut server = Server::start();
-    let mut client = server.connect();
+    let (_server, mut client) = Server::start_and_connect();
     let version = server_version(&mut client);
     let on_server = server_commands(&mut client);
     let in_table = table_commands();
@@ -278,8 +289,7 @@ fn the_table_has_exactly_the_servers_commands() {
 
 #[test]
 fn arities_agree_with_the_server() {
-    let mut server = Server::start();
-    let mut client = server.connect();
+    let (_server, mut client) = Server::start_and_connect();
     let on_server = server_commands(&mut client);
 
     let wrong: Vec<_> = table_commands()
@@ -294,8 +304,7 @@ fn arities_agree_with_the_server() {
 
 #[test]
 fn key_specifications_agree_with_the_server() {
-    let mut server = Server::start();
-    let mut client = server.connect();
+    let (_server, mut client) = Server::start_and_connect();
     let on_server = server_commands(&mut client);
 
     let wrong: Vec<_> = table_commands()
@@ -402,8 +411,7 @@ const SAMPLES: &[&[&str]] = &[
 
 #[test]
 fn key_indexes_agree_with_command_getkeys() {
-    let mut server = Server::start();
-    let mut client = server.connect();
+    let (_server, mut client) = Server::start_and_connect();
 
     for sample in SAMPLES {
         let args: Vec<Bytes> = sample
@@ -427,8 +435,7 @@ fn key_indexes_agree_with_command_getkeys() {
 
 #[test]
 fn commands_without_keys_have_none_for_the_server_either() {
-    let mut server = Server::start();
-    let mut client = server.connect();
+    let (_server, mut client) = Server::start_and_connect();
 
     for sample in [
         &["echo", "a"][..],

@@ -72,13 +72,17 @@ impl Redis {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            // Any answer (PONG, or NOAUTH with a password) means it is up.
+            // Any answer (PONG, or NOAUTH with a password) means a server is
+            // up on the port. Other tests pick free ports at the same time,
+            // so it may be another test's: a redis-server that lost the port
+            // exits at once, so ours must still be running a moment later.
             if let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port))
                 && s.write_all(b"PING\r\n").is_ok()
             {
                 let mut first = [0u8; 1];
                 if s.read_exact(&mut first).is_ok() {
-                    return true;
+                    std::thread::sleep(Duration::from_millis(200));
+                    return matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)));
                 }
             }
             if let Some(Ok(Some(_))) = self.child.as_mut().map(|c| c.try_wait()) {
