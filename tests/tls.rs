@@ -126,13 +126,19 @@ fn a_client_certificate_from_another_ca_is_refused_with_a_clear_log_line() {
     let proxy = tls_proxy(&redis, certs.path(), true);
 
     let (cert, key) = client_pair(other.path());
-    let ca = certs.path().join("ca.crt");
-    let refused = TlsRaw::connect(proxy.port, &ca, Some((&cert, &key)))
-        .and_then(|mut c| c.try_cmd(&["PING"]));
+    assert_certificate_refused(&proxy, certs.path(), &cert, &key, "UnknownIssuer");
+}
+
+/// Connects with `cert`/`key`, expects the connection to fail, and the
+/// proxy's log line for it to contain `reason`.
+fn assert_certificate_refused(proxy: &Proxy, certs: &Path, cert: &Path, key: &Path, reason: &str) {
+    let ca = certs.join("ca.crt");
+    let refused =
+        TlsRaw::connect(proxy.port, &ca, Some((cert, key))).and_then(|mut c| c.try_cmd(&["PING"]));
     assert!(refused.is_err(), "{refused:?}");
-    let line = wait_for_log(&proxy, "tls handshake failed", Duration::from_secs(5))
+    let line = wait_for_log(proxy, "tls handshake failed", Duration::from_secs(5))
         .expect("a log line for the refused handshake");
-    assert!(line.contains("UnknownIssuer"), "{line}");
+    assert!(line.contains(reason), "{line}");
 }
 
 /// A client certificate for `alice` signed by the CA in `certs` whose
@@ -209,13 +215,7 @@ fn an_expired_client_certificate_is_refused_with_a_clear_log_line() {
     let proxy = tls_proxy(&redis, certs.path(), true);
 
     let (cert, key) = expired_client_certificate(certs.path());
-    let ca = certs.path().join("ca.crt");
-    let refused = TlsRaw::connect(proxy.port, &ca, Some((&cert, &key)))
-        .and_then(|mut c| c.try_cmd(&["PING"]));
-    assert!(refused.is_err(), "{refused:?}");
-    let line = wait_for_log(&proxy, "tls handshake failed", Duration::from_secs(5))
-        .expect("a log line for the refused handshake");
-    assert!(line.contains("expired"), "{line}");
+    assert_certificate_refused(&proxy, certs.path(), &cert, &key, "expired");
 }
 
 #[test]
