@@ -323,21 +323,6 @@ fn command_introspection_describes_what_the_proxy_offers() {
         arr(&[&bulk("a"), &bulk("b")])
     );
     // redis-cli 7 asks for COMMAND DOCS at start and works interactively.
-    let out = std::process::Command::new("redis-cli")
-        .args([
-            "-p",
-            &proxy.port.to_string(),
-            "--user",
-            "alice",
-            "--pass",
-            "alice-pw",
-            "--no-auth-warning",
-        ])
-        .args(["COMMAND", "COUNT"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        count.to_string()
-    );
+    let out = proxy.redis_cli(&ALICE, &["COMMAND", "COUNT"]);
+    assert_eq!(out, count.to_string());
 }

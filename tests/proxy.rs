@@ -274,25 +274,7 @@ fn sigterm_lets_in_flight_requests_finish_and_exits_cleanly() {
 fn redis_cli_can_auth_set_get_and_scan() {
     let redis = Redis::start();
     let proxy = Proxy::start(redis.port);
-    let cli = |args: &[&str]| {
-        let out = Command::new("redis-cli")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &proxy.port.to_string(),
-                "--user",
-                "alice",
-                "--pass",
-                "alice-pw",
-                "--no-auth-warning",
-            ])
-            .args(args)
-            .output()
-            .expect("redis-cli must be installed (apt-get install redis-tools)");
-        assert!(out.status.success(), "{:?}", out);
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    };
+    let cli = |args: &[&str]| proxy.redis_cli(&ALICE, args);
     assert_eq!(cli(&["SET", "greeting", "hello"]), "OK");
     assert_eq!(cli(&["GET", "greeting"]), "hello");
     assert_eq!(cli(&["SCAN", "0"]), "0\ngreeting");

@@ -266,6 +266,25 @@ impl Proxy {
         raw
     }
 
+    /// Runs `redis-cli` against the proxy, logged in as `user`, and returns
+    /// its standard output, trimmed. Fails the test if redis-cli fails.
+    pub fn redis_cli(&self, user: &User, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args([
+                "--user",
+                user.name,
+                "--pass",
+                user.password,
+                "--no-auth-warning",
+            ])
+            .args(args)
+            .output()
+            .expect("redis-cli must be installed (apt-get install redis-tools)");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
     pub fn url(&self, user: &User) -> String {
         format!(
             "redis://{}:{}@127.0.0.1:{}/",
