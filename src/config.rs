@@ -128,6 +128,10 @@ pub struct UpstreamSettings {
     /// Blocking commands (`BLPOP`, `XREAD … BLOCK`, `WAIT`, …) are exempt
     /// while they wait. 0 means never. Default 30000.
     pub request_timeout_ms: u64,
+    /// Connections to Redis shared by every session's stateless requests,
+    /// which are pipelined over them together. 0 gives every session a
+    /// connection of its own. Default 1.
+    pub shared_links: usize,
     /// TLS to Redis; absent means plain TCP.
     pub tls: Option<UpstreamTls>,
 }
@@ -877,6 +881,9 @@ impl Settings {
         if upstream.connect_timeout_ms < 1 {
             return Err(invalid("upstream.connect_timeout_ms", "must be at least 1"));
         }
+        if upstream.shared_links > 64 {
+            return Err(invalid("upstream.shared_links", "must be at most 64"));
+        }
 
         let Some(tls) = upstream.tls.as_ref().filter(|t| t.enabled) else {
             return Ok(());
@@ -1334,6 +1341,7 @@ impl fmt::Debug for UpstreamSettings {
             .field("password", &redact(&self.password))
             .field("connect_timeout_ms", &self.connect_timeout_ms)
             .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("shared_links", &self.shared_links)
             .field("tls", &self.tls)
             .finish()
     }
@@ -1389,6 +1397,7 @@ impl Default for UpstreamSettings {
             password: None,
             connect_timeout_ms: 2000,
             request_timeout_ms: 30_000,
+            shared_links: 1,
             tls: None,
         }
     }

@@ -214,6 +214,7 @@ async fn run(path: PathBuf, settings: Settings) -> anyhow::Result<()> {
         upstream_timeout: (settings.upstream.request_timeout_ms > 0)
             .then(|| Duration::from_millis(settings.upstream.request_timeout_ms)),
         project_isolation: settings.server.project_isolation,
+        shared_links: settings.upstream.shared_links,
     };
     let encryption = encryption(&settings, &metrics)?;
     if let Some(e) = &encryption {

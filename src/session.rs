@@ -30,7 +30,9 @@ use crate::namespace::Namespace;
 use crate::plan::{self, Plan, Values};
 use crate::reply::{self, ReplyError};
 use crate::shutdown::Shutdown;
-use crate::upstream::{BoxStream, Connector, UpstreamError};
+use crate::upstream::{
+    BoxStream, Connector, Delivery, ReplySink, SharedLink, SharedLinks, Submission, UpstreamError,
+};
 
 mod deadline;
 mod emulation;
@@ -58,10 +60,22 @@ const MAX_IN_FLIGHT: usize = 64 * 1024;
 /// The reply to each request in flight when the upstream link fails.
 const UPSTREAM_LOST: &str = "ERR upstream connection lost";
 
+/// Most requests one session may have in flight on a shared link. Fewer
+/// when its replies have been large: see `Session::shared_full`.
+const MAX_SHARED_IN_FLIGHT: usize = 256;
+
+/// Bytes of replies a session may have requested on a shared link, as far
+/// as it can tell from the largest reply it has seen. A shared link can't
+/// stop reading for one slow client, so this is what bounds the replies
+/// the proxy holds for a client that does not read them.
+const SHARED_REPLY_BUDGET: usize = 4 * 1024 * 1024;
+
 /// What every session shares.
 pub struct Shared {
     pub auth: Authenticator,
     pub upstream: Connector,
+    /// Links that carry every session's stateless requests together.
+    links: SharedLinks,
     pub limits: SessionLimits,
     /// Metrics, audit log, lockout and alerts: every session reports here.
     pub monitor: Monitor,
@@ -114,6 +128,8 @@ pub struct SessionLimits {
     /// (blocking commands exempt); `None` waits for ever.
     pub upstream_timeout: Option<Duration>,
     pub project_isolation: bool,
+    /// Upstream connections shared by all sessions; 0 turns sharing off.
+    pub shared_links: usize,
 }
 
 impl Shared {
@@ -125,9 +141,16 @@ impl Shared {
         monitor: Monitor,
         leakage: Leakage,
     ) -> Shared {
+        let links = SharedLinks::start(
+            &upstream,
+            limits.shared_links,
+            reply_limits(&limits),
+            limits.upstream_timeout,
+        );
         Shared {
             auth,
             upstream,
+            links,
             limits,
             monitor,
             leakage,
@@ -178,13 +201,15 @@ impl Shared {
 
 /// A reply the client is owed, in request order.
 enum Pending {
-    /// Sent upstream; the reply will be transformed by the plan. A
-    /// `blocking` request may be answered late on purpose.
+    /// Sent upstream, over a shared link or the session's own; the reply
+    /// will be transformed by the plan. A `blocking` request may be answered
+    /// late on purpose.
     Upstream {
         plan: Plan,
         deliver: bool,
         blocking: bool,
         tracking: Tracking,
+        shared: bool,
     },
     /// A forwarded `EXEC`: each element of its reply belongs to the plan of
     /// the command queued in its place.
@@ -197,12 +222,43 @@ enum Pending {
     /// come, pushed like messages.
     PubSub { remaining: usize, deliver: bool },
     /// A forwarded `HELLO`: from its reply on, the link speaks `resp3`.
-    Hello { resp3: bool, deliver: bool },
+    /// `HELLO 2` may travel over a shared link, which never changes.
+    Hello {
+        resp3: bool,
+        deliver: bool,
+        shared: bool,
+    },
     /// Sent upstream by the proxy for its own sake; the reply is checked
     /// for errors and dropped.
     Internal,
     /// Made by the proxy; waiting only for earlier replies to go first.
     Ready(Bytes),
+}
+
+impl Pending {
+    /// Whether the reply comes from a shared link.
+    fn is_shared(&self) -> bool {
+        matches!(
+            self,
+            Pending::Upstream { shared: true, .. } | Pending::Hello { shared: true, .. }
+        )
+    }
+
+    /// Whether a reply from the session's own link is awaited.
+    fn awaits_own(&self) -> bool {
+        !self.is_shared() && !matches!(self, Pending::Ready(_))
+    }
+}
+
+/// The session's end of a shared link: where its stateless requests go
+/// and their replies come back.
+struct SharedRoute {
+    link: SharedLink,
+    sink: ReplySink,
+    deliveries: tokio::sync::mpsc::UnboundedReceiver<Delivery>,
+    /// Replies delivered and not yet matched with their plans.
+    input: BytesMut,
+    scanner: Scanner,
 }
 
 /// The reading side of the session's dedicated upstream link. The writing
@@ -222,6 +278,9 @@ enum Fault {
     ClientIo(std::io::Error),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    /// The shared link failed; every session it owed replies is told.
+    #[error(transparent)]
+    SharedLink(Arc<UpstreamError>),
 }
 
 /// `CLIENT REPLY` modes.
@@ -247,9 +306,24 @@ struct Session {
     subscriptions: Subscriptions,
     pending: VecDeque<Pending>,
     client_out: BytesMut,
+    /// Requests for the session's own link. They are written only once
+    /// every request sent over the shared link has its reply, so Redis runs
+    /// the session's requests in the order the client sent them.
     up_out: BytesMut,
     link: Option<Link>,
     link_writer: Option<WriteHalf<BoxStream>>,
+    /// Opened on the first stateless request; `None` with sharing off.
+    shared_route: Option<SharedRoute>,
+    /// Requests for the shared link from the batch being handled, and how
+    /// many; submitted together when the batch ends.
+    shared_out: BytesMut,
+    shared_batch: usize,
+    /// Requests routed to the shared link whose reply hasn't been matched.
+    shared_owed: usize,
+    /// The largest reply the shared link brought, to size `shared_full`.
+    largest_shared_reply: usize,
+    /// A `WATCH` is in force on the own link.
+    watching: bool,
     /// Stop reading requests; close once every owed reply is written.
     closing: bool,
     key_scratch: Vec<usize>,
@@ -318,6 +392,12 @@ impl Session {
             up_out: BytesMut::new(),
             link: None,
             link_writer: None,
+            shared_route: None,
+            shared_out: BytesMut::new(),
+            shared_batch: 0,
+            shared_owed: 0,
+            largest_shared_reply: 0,
+            watching: false,
             closing: false,
             key_scratch: Vec::new(),
             blocking_in_flight: 0,
@@ -346,12 +426,22 @@ impl Session {
             let read_client = !self.closing
                 && self.client_out.len() < OUTPUT_HIGH_WATER
                 && self.up_out.len() < OUTPUT_HIGH_WATER
-                && self.pending.len() < MAX_IN_FLIGHT;
+                && self.pending.len() < MAX_IN_FLIGHT
+                && !self.shared_full();
             let read_upstream = self.link.is_some() && self.client_out.len() < OUTPUT_HIGH_WATER;
+            let read_shared =
+                self.shared_route.is_some() && self.client_out.len() < OUTPUT_HIGH_WATER;
+            // The own link waits for the shared link's replies (see `up_out`).
+            let write_upstream = !self.up_out.is_empty() && self.shared_owed == 0;
             let idle_armed =
                 client_gone || (idle.is_some() && self.pending.is_empty() && !self.closing);
-            // Replies are owed, and nothing but the upstream holds them up.
-            if read_upstream && !self.pending.is_empty() && self.blocking_in_flight == 0 {
+            // Replies are owed on the own link, and nothing but the upstream
+            // holds them up. Shared links keep their own deadline.
+            if read_upstream
+                && self.shared_owed == 0
+                && !self.pending.is_empty()
+                && self.blocking_in_flight == 0
+            {
                 self.upstream_deadline.start();
             } else {
                 self.upstream_deadline.stop();
@@ -361,7 +451,7 @@ impl Session {
             // sent before a failing client write can end the session.
             tokio::select! {
                 biased;
-                written = write_link(&mut self.link_writer, &mut self.up_out), if !self.up_out.is_empty() => {
+                written = write_link(&mut self.link_writer, &mut self.up_out), if write_upstream => {
                     if let Err(e) = written {
                         self.upstream_lost(&Fault::Upstream(UpstreamError::Io(e)));
                     }
@@ -388,6 +478,14 @@ impl Session {
                         Err(e) => self.upstream_lost(&Fault::Upstream(UpstreamError::Io(e))),
                     }
                 }
+                delivery = receive_shared(&mut self.shared_route), if read_shared => {
+                    self.take_delivery_from_shared(delivery);
+                    // Requests held back while the shared link owed too many
+                    // replies can go on now.
+                    if !client_in.is_empty() && !self.closing && !self.shared_full() {
+                        self.process_requests(&mut client_in, &mut scanner, &mut request_deadline).await;
+                    }
+                }
                 read = client_rd.read_buf(&mut client_in), if read_client => {
                     match read {
                         // Requests already read still reach Redis, as they
@@ -406,24 +504,7 @@ impl Session {
                     if let Some(timeout) = idle {
                         idle_timer.as_mut().reset(Instant::now() + timeout);
                     }
-                    let buffered = client_in.len();
-                    let taken = self.take_requests(&mut client_in, &mut scanner).await;
-                    // The clock runs from the first byte of a request until it is
-                    // complete, however slowly the bytes trickle in.
-                    if client_in.is_empty() {
-                        request_deadline.stop();
-                    } else if client_in.len() < buffered {
-                        request_deadline.restart();
-                    } else {
-                        request_deadline.start();
-                    }
-                    if let Err(e) = taken {
-                        // Redis answers a protocol error, then closes once
-                        // the replies owed before it are written.
-                        debug!(error = %e, "client protocol error");
-                        self.reply_local(|w, out| w.error(out, &e.to_string()));
-                        self.closing = true;
-                    }
+                    self.process_requests(&mut client_in, &mut scanner, &mut request_deadline).await;
                 }
                 _ = &mut idle_timer, if idle_armed => {
                     debug!("idle timeout");
@@ -453,14 +534,53 @@ impl Session {
         result
     }
 
-    /// Handles every complete request in `input`, in order.
+    /// Handles the complete requests the client has sent, and keeps the
+    /// request deadline running while a request is incomplete.
+    async fn process_requests(
+        &mut self,
+        input: &mut BytesMut,
+        scanner: &mut Scanner,
+        request_deadline: &mut Deadline,
+    ) {
+        let buffered = input.len();
+        let taken = self.take_requests(input, scanner).await;
+        // The clock runs from the first byte of a request until it is
+        // complete, however slowly the bytes trickle in.
+        if input.is_empty() {
+            request_deadline.stop();
+        } else if input.len() < buffered {
+            request_deadline.restart();
+        } else {
+            request_deadline.start();
+        }
+        if let Err(e) = taken {
+            // Redis answers a protocol error, then closes once the replies
+            // owed before it are written.
+            debug!(error = %e, "client protocol error");
+            self.reply_local(|w, out| w.error(out, &e.to_string()));
+            self.closing = true;
+        }
+    }
+
+    /// Handles the complete requests in `input`, in order, until the shared
+    /// link owes the session as many replies as it may.
     async fn take_requests(
         &mut self,
         input: &mut BytesMut,
         scanner: &mut Scanner,
     ) -> Result<(), ProtocolError> {
         self.refresh_values();
-        while !self.closing {
+        let taken = self.take_each_request(input, scanner).await;
+        self.submit_shared();
+        taken
+    }
+
+    async fn take_each_request(
+        &mut self,
+        input: &mut BytesMut,
+        scanner: &mut Scanner,
+    ) -> Result<(), ProtocolError> {
+        while !self.closing && !self.shared_full() {
             let limits = Limits::request(
                 self.shared.limits.max_request_bytes,
                 self.identity.is_some(),
@@ -582,7 +702,9 @@ impl Session {
     /// reply. Inside `MULTI` the immediate reply is `QUEUED` and the plan
     /// waits for `EXEC`.
     async fn forward(&mut self, spec: &'static command::CommandSpec, args: &[Bytes]) {
-        if !self.ensure_link().await {
+        let blocking = self.transaction.is_none() && deadline::blocks(spec, args);
+        let shared = self.use_shared_link(spec.stateful || blocking);
+        if !shared && !self.ensure_link().await {
             return;
         }
         let (leakage, monitor) = (&self.shared.leakage, &self.shared.monitor);
@@ -600,13 +722,26 @@ impl Session {
             args,
             &self.namespace,
             self.values.as_ref(),
-            &mut self.up_out,
+            if shared {
+                &mut self.shared_out
+            } else {
+                &mut self.up_out
+            },
             &mut self.key_scratch,
         );
         let plan = match rewritten {
             Ok(plan) => plan,
             Err(e) => return self.refuse(&e.to_string()),
         };
+        if shared {
+            self.shared_batch += 1;
+            self.shared_owed += 1;
+        }
+        match spec.name {
+            "watch" => self.watching = true,
+            "unwatch" => self.watching = false,
+            _ => {}
+        }
         let plan = match self.transaction.as_mut() {
             Some(transaction) => {
                 let queued = Plan {
@@ -620,7 +755,6 @@ impl Session {
             None => plan,
         };
         let deliver = self.take_delivery();
-        let blocking = self.transaction.is_none() && deadline::blocks(spec, args);
         self.blocking_in_flight += usize::from(blocking);
         let monitor = &self.shared.monitor;
         let tracking = monitor.track(self.identity.as_ref(), spec, args);
@@ -629,7 +763,98 @@ impl Session {
             deliver,
             blocking,
             tracking,
+            shared,
         });
+    }
+
+    /// Whether the next request goes over the shared link (opening the
+    /// session's end of it if need be) rather than the session's own.
+    /// `stateful`: the request itself needs a connection of its own.
+    ///
+    /// A session uses its own link while it is in a mode that lives in the
+    /// upstream connection (a transaction, a watch, subscriptions, RESP3)
+    /// and while that link still owes it replies: a shared request sent
+    /// meanwhile could overtake them.
+    fn use_shared_link(&mut self, stateful: bool) -> bool {
+        if stateful
+            || self.transaction.is_some()
+            || self.watching
+            || self.writer.resp3
+            || self.subscriptions.active()
+            || self.own_link_busy()
+        {
+            return false;
+        }
+        if self.shared_route.is_none() {
+            let Some(link) = self.shared.links.for_session(self.id) else {
+                return false;
+            };
+            let (sink, deliveries) = tokio::sync::mpsc::unbounded_channel();
+            self.shared_route = Some(SharedRoute {
+                link,
+                sink,
+                deliveries,
+                input: BytesMut::new(),
+                scanner: Scanner::for_replies(),
+            });
+        }
+        true
+    }
+
+    /// Whether the own link has requests queued or in flight. Shared
+    /// requests are only ever queued behind shared ones, so any own request
+    /// is the last request in the FIFO.
+    fn own_link_busy(&self) -> bool {
+        self.link.is_some()
+            && self
+                .pending
+                .iter()
+                .rev()
+                .find(|p| !matches!(p, Pending::Ready(_)))
+                .is_some_and(Pending::awaits_own)
+    }
+
+    /// Whether the shared link owes the session as many replies as it may
+    /// ask for: fewer the larger its replies have been, so that a client
+    /// that doesn't read can't make the proxy hold much for it.
+    fn shared_full(&self) -> bool {
+        let per_reply = self.largest_shared_reply.max(1);
+        let allowed = (SHARED_REPLY_BUDGET / per_reply).clamp(1, MAX_SHARED_IN_FLIGHT);
+        self.shared_owed >= allowed
+    }
+
+    /// Hands the batch of shared requests to the link.
+    fn submit_shared(&mut self) {
+        if self.shared_batch == 0 {
+            return;
+        }
+        let Some(route) = &self.shared_route else {
+            return;
+        };
+        route.link.submit(Submission {
+            requests: self.shared_out.split().freeze(),
+            count: self.shared_batch,
+            replies: route.sink.clone(),
+        });
+        self.shared_batch = 0;
+    }
+
+    /// Takes what the shared link sent: replies to match, or the news that
+    /// they won't come.
+    fn take_delivery_from_shared(&mut self, delivery: Option<Delivery>) {
+        match delivery {
+            Some(Delivery::Replies(replies)) => {
+                if let Some(route) = self.shared_route.as_mut() {
+                    route.input.extend_from_slice(&replies);
+                }
+                if let Err(fault) = self.take_replies() {
+                    self.upstream_lost(&fault);
+                }
+            }
+            Some(Delivery::Lost(e)) => self.upstream_lost(&Fault::SharedLink(e)),
+            // The session holds a sender itself, so the channel can't close.
+            None => self.upstream_lost(&Fault::Upstream(UpstreamError::Closed)),
+        }
     }
 
     /// The NOPERM reply for a user whose permission doesn't cover `spec`.
@@ -768,17 +993,31 @@ impl Session {
 
     /// Matches every complete upstream reply with the plan at the head of
     /// the FIFO, and moves ready replies out behind it.
+    ///
+    /// The head of the FIFO says which link the next reply comes from: the
+    /// shared link's replies are all owed before any of the own link's (see
+    /// `use_shared_link`), and the own link's wait in its buffer meanwhile.
     fn take_replies(&mut self) -> Result<(), Fault> {
-        let Some(link) = self.link.as_mut() else {
-            return Ok(());
-        };
-        let limits = Limits::reply(self.shared.limits.max_request_bytes.saturating_mul(2));
-        while let Some(len) = link
-            .scanner
-            .measure(&link.input, &limits)
-            .map_err(UpstreamError::Protocol)?
-        {
-            let raw = link.input.split_to(len).freeze();
+        let limits = reply_limits(&self.shared.limits);
+        loop {
+            let from_shared = self.pending.front().is_some_and(Pending::is_shared);
+            let (input, scanner, resp3) =
+                match (from_shared, &mut self.shared_route, &mut self.link) {
+                    (true, Some(route), _) => (&mut route.input, &mut route.scanner, false),
+                    (false, _, Some(link)) => (&mut link.input, &mut link.scanner, link.resp3),
+                    _ => return Ok(()),
+                };
+            let Some(len) = scanner
+                .measure(input, &limits)
+                .map_err(UpstreamError::Protocol)?
+            else {
+                return Ok(());
+            };
+            let raw = input.split_to(len).freeze();
+            if from_shared {
+                self.shared_owed -= 1;
+                self.largest_shared_reply = self.largest_shared_reply.max(len);
+            }
 
             // Pushes (RESP3), and in RESP2 any frame while no request waits
             // at the head of the FIFO, are Pub/Sub traffic.
@@ -791,12 +1030,14 @@ impl Session {
                         | Pending::Internal
                 )
             );
-            if raw.first() == Some(&b'>') || (self.subscriptions.ever && !request_waits) {
+            if !from_shared
+                && (raw.first() == Some(&b'>') || (self.subscriptions.ever && !request_waits))
+            {
                 pubsub::route_push(
                     &mut self.pending,
                     &self.namespace,
                     &raw,
-                    link.resp3,
+                    resp3,
                     &mut self.client_out,
                 )
                 .map_err(UpstreamError::Protocol)?;
@@ -811,11 +1052,12 @@ impl Session {
                     deliver,
                     blocking,
                     tracking,
+                    shared: _,
                 }) => {
                     self.blocking_in_flight -= usize::from(blocking);
                     let mut outcome = reply_outcome(&raw);
                     if deliver {
-                        match reply::transform(&plan, raw, link.resp3, &mut self.client_out) {
+                        match reply::transform(&plan, raw, resp3, &mut self.client_out) {
                             Ok(()) => {}
                             Err(ReplyError::Protocol(e)) => {
                                 // This request's plan is taken already: its
@@ -847,7 +1089,7 @@ impl Session {
                     let outcome = reply_outcome(&raw);
                     if deliver {
                         let transformed =
-                            reply::transform_exec(&plans, raw, link.resp3, &mut self.client_out);
+                            reply::transform_exec(&plans, raw, resp3, &mut self.client_out);
                         let failed = match transformed {
                             Ok(failed) => failed,
                             Err(e) => {
@@ -862,8 +1104,14 @@ impl Session {
                     }
                     monitor.replied(self.peer, &tracking, outcome);
                 }
-                Some(Pending::Hello { resp3, deliver }) => {
-                    if raw.first() != Some(&b'-') {
+                Some(Pending::Hello {
+                    resp3,
+                    deliver,
+                    shared,
+                }) => {
+                    if let (false, Some(link)) = (shared, self.link.as_mut())
+                        && raw.first() != Some(&b'-')
+                    {
                         link.resp3 = resp3;
                     }
                     if deliver {
@@ -885,7 +1133,6 @@ impl Session {
             }
             release_ready(&mut self.pending, &mut self.client_out);
         }
-        Ok(())
     }
 
     /// The upstream is gone, or stopped answering (its link then can't be
@@ -895,12 +1142,18 @@ impl Session {
     fn upstream_lost(&mut self, fault: &Fault) {
         debug!(error = %fault, in_flight = self.pending.len(), "upstream link lost");
         let text = match fault {
-            Fault::Upstream(UpstreamError::ReplyTimeout) => "ERR upstream request timed out",
-            _ => UPSTREAM_LOST,
+            Fault::Upstream(e) => lost_reply_text(e),
+            Fault::SharedLink(e) => lost_reply_text(e),
+            Fault::ClientIo(_) => UPSTREAM_LOST.to_owned(),
         };
+        let text = text.as_str();
         self.link = None;
         self.link_writer = None;
         self.up_out.clear();
+        self.shared_route = None;
+        self.shared_out.clear();
+        self.shared_batch = 0;
+        self.shared_owed = 0;
         self.blocking_in_flight = 0;
         self.upstream_deadline.stop();
         for entry in &self.pending {
@@ -930,6 +1183,25 @@ impl Session {
         }
         self.closing = true;
     }
+}
+
+/// The error reply to requests in flight when their link fails.
+fn lost_reply_text(error: &UpstreamError) -> String {
+    match error {
+        UpstreamError::ReplyTimeout => "ERR upstream request timed out".to_owned(),
+        // The link never came up: say why, as a new connection would.
+        UpstreamError::Connect(_)
+        | UpstreamError::ConnectTimeout
+        | UpstreamError::AuthRefused
+        | UpstreamError::Tls => format!("ERR upstream unavailable: {error}"),
+        _ => UPSTREAM_LOST.to_owned(),
+    }
+}
+
+/// Bounds on one upstream reply: twice the largest request, since a reply
+/// may carry values the proxy has opened (and so grown).
+fn reply_limits(limits: &SessionLimits) -> Limits {
+    Limits::reply(limits.max_request_bytes.saturating_mul(2))
 }
 
 /// Forms of a forwarded command the proxy refuses although the command
@@ -1020,6 +1292,13 @@ fn display_name(args: &[Bytes]) -> String {
     }
     text.truncate(128);
     text
+}
+
+async fn receive_shared(route: &mut Option<SharedRoute>) -> Option<Delivery> {
+    match route {
+        Some(route) => route.deliveries.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn read_link(link: &mut Option<Link>) -> std::io::Result<usize> {

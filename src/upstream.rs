@@ -1,10 +1,8 @@
 //! Links to the upstream Redis: connecting with a timeout and logging the
 //! proxy itself in with its own credentials.
 //!
-//! Today every authenticated session gets a dedicated link. The boundary is
-//! kept narrow (a connector that hands out authenticated byte streams) so
-//! that shared, multiplexed links can replace it without touching sessions'
-//! request handling.
+//! Sessions send stateless requests over links shared with other sessions
+//! (`shared`), and open a link of their own for stateful modes.
 
 use std::fmt;
 use std::sync::Arc;
@@ -18,6 +16,10 @@ use tracing::warn;
 use crate::config::UpstreamSettings;
 use crate::frame::{self, Limits, ProtocolError, Scanner};
 use crate::tls::UpstreamTls;
+
+mod shared;
+
+pub use shared::{Delivery, ReplySink, SharedLink, SharedLinks, Submission};
 
 /// A byte stream in either direction: plain TCP or TLS.
 pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -53,6 +55,7 @@ pub enum UpstreamError {
 }
 
 /// Opens authenticated links to one upstream Redis.
+#[derive(Clone)]
 pub struct Connector {
     address: String,
     username: Option<String>,

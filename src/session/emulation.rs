@@ -99,8 +99,19 @@ impl Session {
     /// so far has its reply. False if the upstream failed meanwhile (the
     /// session then closes, as on any upstream loss).
     async fn drain(&mut self) -> bool {
+        self.submit_shared();
         let waiting = |p: &Pending| !matches!(p, Pending::Ready(_));
         while self.pending.iter().any(waiting) {
+            // Shared replies come first; the own link waits for them.
+            if self.shared_owed > 0 {
+                let delivery = super::receive_shared(&mut self.shared_route).await;
+                self.take_delivery_from_shared(delivery);
+                // A lost link takes the session's end of it along.
+                if self.shared_route.is_none() {
+                    return false;
+                }
+                continue;
+            }
             let (Some(writer), Some(link)) = (self.link_writer.as_mut(), self.link.as_mut()) else {
                 return false;
             };

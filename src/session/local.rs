@@ -268,15 +268,28 @@ impl Session {
         // The upstream link switches protocol at exactly this point of its
         // reply stream, so HELLO travels upstream and its reply (the
         // server's own description) comes back through the FIFO.
+        // A shared link speaks RESP2 for good, so `HELLO 2` may use one.
         let resp3 = version.unwrap_or(self.writer.resp3);
-        if !self.ensure_link().await {
+        let shared = self.use_shared_link(resp3);
+        if !shared && !self.ensure_link().await {
             return;
         }
         self.writer.resp3 = resp3;
         let proto: &[u8] = if resp3 { b"3" } else { b"2" };
-        frame::put_request(&mut self.up_out, [&b"HELLO"[..], proto].into_iter());
+        let request = [&b"HELLO"[..], proto].into_iter();
+        if shared {
+            frame::put_request(&mut self.shared_out, request);
+            self.shared_batch += 1;
+            self.shared_owed += 1;
+        } else {
+            frame::put_request(&mut self.up_out, request);
+        }
         let deliver = self.take_delivery();
-        self.pending.push_back(Pending::Hello { resp3, deliver });
+        self.pending.push_back(Pending::Hello {
+            resp3,
+            deliver,
+            shared,
+        });
     }
 
     /// `RESET`: back to an unauthenticated RESP2 session. The upstream link
@@ -297,6 +310,7 @@ impl Session {
         self.drop_subscriptions();
         self.log_out();
         self.transaction = None;
+        self.watching = false;
         self.values = None;
         self.namespace = Arc::new(Namespace::shared());
         self.writer.resp3 = false;

@@ -219,10 +219,17 @@ impl Session {
         command: &'static str,
         reply: ReplyShape,
     ) {
-        if !self.ensure_link().await {
+        let shared = self.use_shared_link(false);
+        if !shared && !self.ensure_link().await {
             return;
         }
-        frame::put_request(&mut self.up_out, args.iter().copied());
+        if shared {
+            frame::put_request(&mut self.shared_out, args.iter().copied());
+            self.shared_batch += 1;
+            self.shared_owed += 1;
+        } else {
+            frame::put_request(&mut self.up_out, args.iter().copied());
+        }
         let plan = Plan {
             command,
             reply,
@@ -237,6 +244,7 @@ impl Session {
             deliver,
             blocking: false,
             tracking,
+            shared,
         });
     }
 

@@ -21,6 +21,9 @@ impl Session {
     /// `MULTI`, `EXEC` and `DISCARD`, which open and close the list of plans
     /// that `EXEC`'s reply is transformed by.
     pub(super) async fn transaction_command(&mut self, spec: &'static CommandSpec, args: &[Bytes]) {
+        if matches!(spec.name, "exec" | "discard") {
+            self.watching = false;
+        }
         match (spec.name, self.transaction.take()) {
             ("multi", Some(open)) => {
                 self.transaction = Some(open);
