@@ -65,6 +65,19 @@ impl Limits {
     }
 }
 
+/// Space a read should find free in its buffer: without it, a read into a
+/// full `BytesMut` asks for only 64 more bytes, one small read per call.
+const READ_ROOM: usize = 16 * 1024;
+
+/// Makes room for the next read into `buf`, reusing its storage when every
+/// frame split off it has been dropped.
+pub fn make_room(buf: &mut BytesMut) -> &mut BytesMut {
+    if buf.capacity() - buf.len() < READ_ROOM / 4 {
+        buf.reserve(READ_ROOM);
+    }
+    buf
+}
+
 /// A malformed or oversized frame. The text is the error reply Redis gives
 /// for the same fault (without the leading `-`); the connection is closed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

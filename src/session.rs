@@ -486,7 +486,7 @@ impl Session {
                         self.process_requests(&mut client_in, &mut scanner, &mut request_deadline).await;
                     }
                 }
-                read = client_rd.read_buf(&mut client_in), if read_client => {
+                read = client_rd.read_buf(frame::make_room(&mut client_in)), if read_client => {
                     match read {
                         // Requests already read still reach Redis, as they
                         // would in Redis itself, and a half-closed client
@@ -1303,7 +1303,10 @@ async fn receive_shared(route: &mut Option<SharedRoute>) -> Option<Delivery> {
 
 async fn read_link(link: &mut Option<Link>) -> std::io::Result<usize> {
     match link {
-        Some(link) => link.reader.read_buf(&mut link.input).await,
+        Some(link) => {
+            frame::make_room(&mut link.input);
+            link.reader.read_buf(&mut link.input).await
+        }
         None => std::future::pending().await,
     }
 }

@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{Pending, Session, Shared};
 use crate::direct::{DirectClient, DirectError, Reply};
-use crate::frame::ProtocolError;
+use crate::frame::{self, ProtocolError};
 use crate::upstream::UpstreamError;
 
 /// Keys asked for per `SCAN` call, and deleted per `DEL`/`UNLINK`.
@@ -123,6 +123,7 @@ impl Session {
                 }
                 self.up_out.clear();
             }
+            frame::make_room(&mut link.input);
             match link.reader.read_buf(&mut link.input).await {
                 Ok(0) => {
                     let closed = UpstreamError::Closed;

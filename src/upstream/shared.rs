@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::{Connector, UpstreamError};
-use crate::frame::{Limits, ProtocolError, Scanner};
+use crate::frame::{self, Limits, ProtocolError, Scanner};
 
 /// Requests queued for the upstream before the link stops taking more
 /// submissions (they wait in the channel, sessions keep their own limits).
@@ -212,7 +212,7 @@ impl Link {
                 biased;
                 // Read even when nothing is owed, to notice at once that
                 // Redis closed an idle link, before a request is lost on it.
-                read = reader.read_buf(&mut connection.input) => {
+                read = reader.read_buf(frame::make_room(&mut connection.input)) => {
                     match read {
                         Ok(0) => return Ending::Failed(UpstreamError::Closed),
                         Ok(_) => {
