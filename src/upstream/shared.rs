@@ -194,6 +194,17 @@ impl Link {
         }
     }
 
+    /// Moves every submission already queued into the connection's output,
+    /// up to its high-water mark.
+    fn accept_queued(&mut self, connection: &mut Connection) {
+        while connection.out.len() < OUT_HIGH_WATER {
+            match self.queue.try_recv() {
+                Ok(submission) => self.accept(connection, submission),
+                Err(_) => break,
+            }
+        }
+    }
+
     /// Writes what sessions submit and hands back what Redis answers, until
     /// the connection fails or the proxy stops.
     async fn serve(&mut self, stream: super::BoxStream, connection: &mut Connection) -> Ending {
@@ -242,13 +253,13 @@ impl Link {
                         progress = Instant::now();
                     }
                     self.accept(connection, submission);
-                    // Everything already queued goes out in the same write.
-                    while connection.out.len() < OUT_HIGH_WATER {
-                        match self.queue.try_recv() {
-                            Ok(submission) => self.accept(connection, submission),
-                            Err(_) => break,
-                        }
-                    }
+                    self.accept_queued(connection);
+                    // Let every session that is ready to run submit its
+                    // requests first, so that they all go out in one write:
+                    // yielding puts this task behind the others that are
+                    // ready, and behind those that the I/O driver wakes.
+                    tokio::task::yield_now().await;
+                    self.accept_queued(connection);
                 }
                 () = &mut stalled, if owed && self.reply_timeout.is_some() => {
                     if progress.elapsed() >= limit {
