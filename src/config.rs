@@ -74,6 +74,9 @@ pub struct ServerSettings {
     /// slowest honest upload of `max_request_bytes`. 0 means never.
     /// Default 60.
     pub request_timeout_secs: u64,
+    /// Threads that run client sessions, each with its own shared upstream
+    /// links. 0 means half the CPUs, at least one. Default 0.
+    pub workers: usize,
     /// TLS for clients; absent means a plaintext listener.
     pub tls: Option<ServerTls>,
 }
@@ -128,9 +131,10 @@ pub struct UpstreamSettings {
     /// Blocking commands (`BLPOP`, `XREAD … BLOCK`, `WAIT`, …) are exempt
     /// while they wait. 0 means never. Default 30000.
     pub request_timeout_ms: u64,
-    /// Connections to Redis shared by every session's stateless requests,
-    /// which are pipelined over them together. 0 gives every session a
-    /// connection of its own. Default 1.
+    /// Connections to Redis, per worker thread, shared by the sessions of
+    /// that worker for their stateless requests, which are pipelined over
+    /// them together. 0 gives every session a connection of its own.
+    /// Default 1.
     pub shared_links: usize,
     /// TLS to Redis; absent means plain TCP.
     pub tls: Option<UpstreamTls>,
@@ -826,6 +830,9 @@ impl Settings {
         if server.max_connections < 1 {
             return Err(invalid("server.max_connections", "must be at least 1"));
         }
+        if server.workers > 256 {
+            return Err(invalid("server.workers", "must be at most 256"));
+        }
         if server.max_request_bytes < 1024 {
             return Err(invalid("server.max_request_bytes", "must be at least 1024"));
         }
@@ -1382,6 +1389,7 @@ impl Default for ServerSettings {
             project_isolation: true,
             shutdown_timeout_secs: 10,
             request_timeout_secs: 60,
+            workers: 0,
             tls: None,
         }
     }
@@ -1856,6 +1864,17 @@ mod tests {
 
         let e = load_err("", &[("FAILED_ACCESS_THRESHOLD", "-1")]);
         assert!(e.contains("FAILED_ACCESS_THRESHOLD"), "{e}");
+    }
+
+    #[test]
+    fn worker_and_shared_link_counts_are_bounded() {
+        let e = load_err("[server]\nworkers = 257\n", &[]);
+        assert!(e.contains("server.workers: must be at most 256"), "{e}");
+        let e = load_err("[upstream]\nshared_links = 65\n", &[]);
+        assert!(
+            e.contains("upstream.shared_links: must be at most 64"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -29,3 +29,4 @@ pub mod session;
 pub mod shutdown;
 pub mod tls;
 pub mod upstream;
+pub mod workers;

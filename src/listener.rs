@@ -18,17 +18,20 @@ use crate::session::{self, Shared};
 use crate::shutdown::Shutdown;
 use crate::tls::{self, ServerTls};
 use crate::upstream::BoxStream;
+use crate::workers::Workers;
 
 /// How long a failed `accept` (for example, out of file descriptors) backs
 /// off before trying again, at most.
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Accepts clients on `listener` until `shutdown` is announced, then waits
-/// up to `grace` for open sessions to finish. With `tls`, each client first
-/// completes a TLS handshake (bounded by [`tls::HANDSHAKE_TIMEOUT`]) inside
-/// its own task, so a slow handshake never delays the accept loop.
+/// up to `grace` for open sessions to finish. Each session runs on one of
+/// `workers`. With `tls`, each client first completes a TLS handshake
+/// (bounded by [`tls::HANDSHAKE_TIMEOUT`]) inside its own task, so a slow
+/// handshake never delays the accept loop.
 pub async fn serve(
     listener: TcpListener,
+    workers: Workers,
     shared: Arc<Shared>,
     tls: Option<Arc<ServerTls>>,
     max_connections: usize,
@@ -70,13 +73,31 @@ pub async fn serve(
         };
         let _ = socket.set_nodelay(true);
 
+        // The socket moves to the worker's runtime, which must register it
+        // with its own I/O driver.
+        let socket = match socket.into_std() {
+            Ok(socket) => socket,
+            Err(e) => {
+                debug!(client.addr = %peer, error = %e, "connection lost before its session began");
+                continue;
+            }
+        };
         let shared = Arc::clone(&shared);
         let session_shutdown = shutdown.clone();
         let done = done_tx.clone();
         let tls = tls.clone();
-        tokio::spawn(async move {
+        workers.spawn(move |link| async move {
+            let socket = match TcpStream::from_std(socket) {
+                Ok(socket) => socket,
+                Err(e) => {
+                    warn!(client.addr = %peer, error = %e, "could not register the connection");
+                    return;
+                }
+            };
             match tls {
-                None => session::run(Box::new(socket), peer, shared, None, session_shutdown).await,
+                None => {
+                    session::run(Box::new(socket), peer, shared, link, None, session_shutdown).await
+                }
                 Some(tls) => {
                     if let Some((stream, identity)) =
                         handshake(&tls, socket, peer, shared.monitor.metrics()).await
@@ -87,7 +108,7 @@ pub async fn serve(
                         // A verified certificate bound to a user logs in
                         // without AUTH.
                         let logged_in = shared.auth.identity_for_certificate(&identity.names);
-                        session::run(stream, peer, shared, logged_in, session_shutdown)
+                        session::run(stream, peer, shared, link, logged_in, session_shutdown)
                             .instrument(span)
                             .await;
                     }

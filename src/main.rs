@@ -28,9 +28,10 @@ use redcloak::leakage::Leakage;
 use redcloak::lockout::Lockout;
 use redcloak::metrics::{self, Metrics};
 use redcloak::reencrypt;
-use redcloak::session::{Encryption, SessionLimits, Shared};
+use redcloak::session::{self, Encryption, SessionLimits, Shared};
 use redcloak::tls::{ServerTls, UpstreamTls};
 use redcloak::upstream::Connector;
+use redcloak::workers::{LinkSettings, Workers};
 use redcloak::{listener, shutdown};
 
 #[derive(Parser)]
@@ -214,7 +215,6 @@ async fn run(path: PathBuf, settings: Settings) -> anyhow::Result<()> {
         upstream_timeout: (settings.upstream.request_timeout_ms > 0)
             .then(|| Duration::from_millis(settings.upstream.request_timeout_ms)),
         project_isolation: settings.server.project_isolation,
-        shared_links: settings.upstream.shared_links,
     };
     let encryption = encryption(&settings, &metrics)?;
     if let Some(e) = &encryption {
@@ -277,8 +277,24 @@ async fn run(path: PathBuf, settings: Settings) -> anyhow::Result<()> {
         server_tls.clone(),
         trigger,
     ));
+    let workers = Workers::start(
+        settings.server.workers,
+        &LinkSettings {
+            connector: &shared.upstream,
+            count: settings.upstream.shared_links,
+            reply_limits: session::reply_limits(&shared.limits),
+            reply_timeout: shared.limits.upstream_timeout,
+        },
+    )
+    .context("starting the worker threads")?;
+    info!(
+        workers = workers.len(),
+        shared_links = settings.upstream.shared_links,
+        "workers started"
+    );
     listener::serve(
         socket,
+        workers,
         Arc::clone(&shared),
         server_tls,
         settings.server.max_connections,

@@ -31,7 +31,7 @@ use crate::plan::{self, Plan, Values};
 use crate::reply::{self, ReplyError};
 use crate::shutdown::Shutdown;
 use crate::upstream::{
-    BoxStream, Connector, Delivery, ReplySink, SharedLink, SharedLinks, Submission, UpstreamError,
+    BoxStream, Connector, Delivery, ReplySink, SharedLink, Submission, UpstreamError,
 };
 
 mod deadline;
@@ -74,8 +74,6 @@ const SHARED_REPLY_BUDGET: usize = 4 * 1024 * 1024;
 pub struct Shared {
     pub auth: Authenticator,
     pub upstream: Connector,
-    /// Links that carry every session's stateless requests together.
-    links: SharedLinks,
     pub limits: SessionLimits,
     /// Metrics, audit log, lockout and alerts: every session reports here.
     pub monitor: Monitor,
@@ -128,8 +126,6 @@ pub struct SessionLimits {
     /// (blocking commands exempt); `None` waits for ever.
     pub upstream_timeout: Option<Duration>,
     pub project_isolation: bool,
-    /// Upstream connections shared by all sessions; 0 turns sharing off.
-    pub shared_links: usize,
 }
 
 impl Shared {
@@ -141,16 +137,9 @@ impl Shared {
         monitor: Monitor,
         leakage: Leakage,
     ) -> Shared {
-        let links = SharedLinks::start(
-            &upstream,
-            limits.shared_links,
-            reply_limits(&limits),
-            limits.upstream_timeout,
-        );
         Shared {
             auth,
             upstream,
-            links,
             limits,
             monitor,
             leakage,
@@ -295,6 +284,9 @@ struct Session {
     id: u64,
     peer: SocketAddr,
     shared: Arc<Shared>,
+    /// The shared link of this session's worker, for stateless requests;
+    /// `None` when sharing is off.
+    worker_link: Option<SharedLink>,
     identity: Option<Identity>,
     namespace: Arc<Namespace>,
     /// How this session's values are sealed; refreshed before each batch.
@@ -344,6 +336,7 @@ pub async fn run(
     stream: BoxStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
+    link: Option<SharedLink>,
     logged_in: Option<Identity>,
     shutdown: Shutdown,
 ) {
@@ -361,7 +354,7 @@ pub async fn run(
         if let Some(identity) = &logged_in {
             shared.monitor.logged_in(peer, identity, "certificate");
         }
-        let mut session = Session::new(id, peer, shared);
+        let mut session = Session::new(id, peer, shared, link);
         if let Some(identity) = logged_in {
             session.log_in(identity);
         }
@@ -375,9 +368,15 @@ pub async fn run(
 }
 
 impl Session {
-    fn new(id: u64, peer: SocketAddr, shared: Arc<Shared>) -> Session {
+    fn new(
+        id: u64,
+        peer: SocketAddr,
+        shared: Arc<Shared>,
+        worker_link: Option<SharedLink>,
+    ) -> Session {
         Session {
             id,
+            worker_link,
             peer,
             identity: None,
             namespace: Arc::new(Namespace::shared()),
@@ -786,7 +785,7 @@ impl Session {
             return false;
         }
         if self.shared_route.is_none() {
-            let Some(link) = self.shared.links.for_session(self.id) else {
+            let Some(link) = self.worker_link.clone() else {
                 return false;
             };
             let (sink, deliveries) = tokio::sync::mpsc::unbounded_channel();
@@ -1200,7 +1199,7 @@ fn lost_reply_text(error: &UpstreamError) -> String {
 
 /// Bounds on one upstream reply: twice the largest request, since a reply
 /// may carry values the proxy has opened (and so grown).
-fn reply_limits(limits: &SessionLimits) -> Limits {
+pub fn reply_limits(limits: &SessionLimits) -> Limits {
     Limits::reply(limits.max_request_bytes.saturating_mul(2))
 }
 

@@ -142,9 +142,12 @@ fn interleaved_sessions_of_two_projects_each_get_exactly_their_replies() {
 }
 
 #[test]
-fn interleaving_holds_over_several_shared_links() {
+fn interleaving_holds_over_several_workers_and_shared_links() {
     let redis = Redis::start();
-    let toml = with_upstream(&config_toml(redis.port, USERS, ""), "shared_links = 3");
+    let toml = with_upstream(
+        &config_toml(redis.port, USERS, "workers = 2"),
+        "shared_links = 3",
+    );
     let proxy = Proxy::start_toml(&toml);
     let port = proxy.port;
     let clients: Vec<_> = (0..12u64)
@@ -171,7 +174,7 @@ fn upstream_clients(redis: &Redis) -> usize {
 #[test]
 fn stateless_sessions_share_a_connection_and_stateful_ones_get_their_own() {
     let redis = Redis::start();
-    let proxy = Proxy::start(redis.port);
+    let proxy = Proxy::start_with(redis.port, USERS, "workers = 2");
     let before = upstream_clients(&redis);
 
     let mut sessions: Vec<Raw> = (0..40).map(|_| proxy.login(&ALICE)).collect();
@@ -182,13 +185,16 @@ fn stateless_sessions_share_a_connection_and_stateful_ones_get_their_own() {
     }
     let shared = upstream_clients(&redis) - before;
     println!("40 sessions after SET/GET: {shared} upstream connection(s)");
-    assert_eq!(shared, 1, "one shared link carries every stateless request");
+    assert_eq!(
+        shared, 2,
+        "each worker's one shared link carries its sessions' stateless requests"
+    );
 
     // A transaction needs a connection of its own, kept by the session.
     assert_eq!(sessions[0].cmd(&["MULTI"]), b"+OK\r\n");
     assert_eq!(sessions[0].cmd(&["INCR", "n"]), b"+QUEUED\r\n");
     assert_eq!(sessions[0].cmd(&["EXEC"]), b"*1\r\n:1\r\n");
-    assert_eq!(upstream_clients(&redis) - before, 2);
+    assert_eq!(upstream_clients(&redis) - before, 3);
 
     // A blocking command must not hold up the shared link: others go on
     // while it waits.
