@@ -8,7 +8,6 @@
 //! not change are forwarded as the exact bytes that were read.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use redis_protocol::resp2::types::BytesFrame as Resp2Frame;
 
 /// Longest inline command or protocol line, as Redis's `PROTO_INLINE_MAX_SIZE`.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -298,23 +297,46 @@ fn parse_len(text: &[u8], error: ProtocolError) -> Result<Option<u64>, ProtocolE
     ))
 }
 
-/// Decodes a measured multibulk request into its arguments (zero-copy
-/// slices of `frame`).
+/// Splits a measured multibulk request into its arguments (zero-copy
+/// slices of `frame`). Every request takes this path, so it walks the frame
+/// directly rather than building a general RESP value first; it trusts
+/// nothing the scanner checked, so any other input gets an error, never a
+/// panic.
 pub fn decode_request(frame: &Bytes) -> Result<Vec<Bytes>, ProtocolError> {
-    let decoded = redis_protocol::resp2::decode::decode_bytes(frame)
-        .map_err(|e| ProtocolError::Decode(e.details().to_string()))?;
-    match decoded {
-        Some((Resp2Frame::Array(items), _)) => items
-            .into_iter()
-            .map(|item| match item {
-                Resp2Frame::BulkString(b) => Ok(b),
-                _ => Err(ProtocolError::ExpectedBulk('?')),
-            })
-            .collect(),
-        Some((Resp2Frame::Null, _)) => Ok(Vec::new()),
-        Some(_) => Err(ProtocolError::InvalidMultibulkLength),
-        None => Err(ProtocolError::Decode("incomplete request".into())),
+    let incomplete = || ProtocolError::Decode("incomplete request".into());
+    let (kind, header, mut pos) = read_line(frame, 0)?.ok_or_else(incomplete)?;
+    if kind != b'*' {
+        return Err(ProtocolError::InvalidMultibulkLength);
     }
+    let Some(count) = parse_len(header, ProtocolError::InvalidMultibulkLength)? else {
+        return Ok(Vec::new());
+    };
+    // The capacity is bounded by the frame: each argument takes at least
+    // four bytes (`$0\r\n`).
+    let mut args = Vec::with_capacity(count.min(frame.len() as u64 / 4) as usize);
+    for _ in 0..count {
+        let (kind, header, start) = read_line(frame, pos)?.ok_or_else(incomplete)?;
+        if kind != b'$' {
+            return Err(ProtocolError::ExpectedBulk(kind as char));
+        }
+        let Some(len) = parse_len(header, ProtocolError::InvalidBulkLength)? else {
+            return Err(ProtocolError::ExpectedBulk('?'));
+        };
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|len| start.checked_add(len))
+            .filter(|&end| end <= frame.len())
+            .ok_or_else(incomplete)?;
+        if frame.get(end..end + 2) != Some(b"\r\n".as_slice()) {
+            return Err(ProtocolError::MissingCrlf);
+        }
+        args.push(frame.slice(start..end));
+        pos = end + 2;
+    }
+    if pos != frame.len() {
+        return Err(ProtocolError::Decode("bytes after the request".into()));
+    }
+    Ok(args)
 }
 
 /// Splits an inline command line (without its line ending) into arguments
@@ -549,6 +571,96 @@ pub fn put_bulk(out: &mut BytesMut, data: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What redis-protocol's general decoder makes of a request frame: the
+    /// reference `decode_request` must agree with.
+    fn reference_decode(frame: &Bytes) -> Option<Vec<Bytes>> {
+        use redis_protocol::resp2::types::BytesFrame;
+        match redis_protocol::resp2::decode::decode_bytes(frame) {
+            Ok(Some((BytesFrame::Array(items), used))) if used == frame.len() => items
+                .into_iter()
+                .map(|item| match item {
+                    BytesFrame::BulkString(b) => Some(b),
+                    _ => None,
+                })
+                .collect(),
+            Ok(Some((BytesFrame::Null, used))) if used == frame.len() => Some(Vec::new()),
+            _ => None,
+        }
+    }
+
+    fn encode(args: &[Vec<u8>]) -> Bytes {
+        let mut out = BytesMut::new();
+        out.put_slice(format!("*{}\r\n", args.len()).as_bytes());
+        for arg in args {
+            out.put_slice(format!("${}\r\n", arg.len()).as_bytes());
+            out.put_slice(arg);
+            out.put_slice(b"\r\n");
+        }
+        out.freeze()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn request_decoding_agrees_with_redis_protocol(
+            args in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..40), 0..8),
+            cut in 0usize..400,
+            flip in proptest::option::of((0usize..400, proptest::num::u8::ANY)),
+        ) {
+            let frame = encode(&args);
+            let decoded = decode_request(&frame).expect("a well-formed request decodes");
+            proptest::prop_assert_eq!(Some(decoded.clone()), reference_decode(&frame));
+            proptest::prop_assert_eq!(decoded, args.into_iter().map(Bytes::from).collect::<Vec<_>>());
+
+            // A damaged frame that the scanner still takes as one whole
+            // request decodes as redis-protocol decodes it; anything else
+            // is refused without a panic.
+            let mut damaged = frame.to_vec();
+            damaged.truncate(cut.min(damaged.len()));
+            if let Some((at, byte)) = flip
+                && let Some(b) = damaged.get_mut(at)
+            {
+                *b = byte;
+            }
+            let damaged = Bytes::from(damaged);
+            let limits = Limits::request(1 << 20, true);
+            let measured = Scanner::for_requests().measure(&damaged, &limits);
+            if matches!(measured, Ok(Some(len)) if len == damaged.len()) {
+                proptest::prop_assert_eq!(decode_request(&damaged).ok(), reference_decode(&damaged));
+            } else {
+                let _ = decode_request(&damaged);
+            }
+        }
+    }
+
+    #[test]
+    fn request_decoding_refuses_what_is_not_a_multibulk_of_bulk_strings() {
+        for frame in [
+            &b""[..],
+            b"*1\r\n",
+            b"*1\r\n:1\r\n",
+            b"*1\r\n$-1\r\n",
+            b"*1\r\n$3\r\nab\r\n",
+            b"*1\r\n$2\r\nab\r\nextra",
+            b"+OK\r\n",
+            b"*x\r\n",
+            b"*1\r\n$99999999999999999999\r\n",
+        ] {
+            assert!(
+                decode_request(&Bytes::from_static(frame)).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(frame)
+            );
+        }
+        assert_eq!(
+            decode_request(&Bytes::from_static(b"*-1\r\n")).unwrap(),
+            Vec::<Bytes>::new()
+        );
+        assert_eq!(
+            decode_request(&Bytes::from_static(b"*0\r\n")).unwrap(),
+            Vec::<Bytes>::new()
+        );
+    }
 
     fn measure_all(input: &[u8], limits: &Limits) -> Result<Option<usize>, ProtocolError> {
         Scanner::for_replies().measure(input, limits)

@@ -417,6 +417,10 @@ impl Session {
         let mut request_deadline = Deadline::new(self.shared.limits.request_timeout);
 
         let mut client_gone = false;
+        // Made once: a new wait on every turn of the loop costs more than
+        // the rest of a small request's handling.
+        let announced = shutdown.announced();
+        tokio::pin!(announced);
 
         let result = loop {
             if self.closing && self.pending.is_empty() && self.client_out.is_empty() {
@@ -521,7 +525,9 @@ impl Session {
                         self.upstream_lost(&Fault::Upstream(UpstreamError::ReplyTimeout));
                     }
                 }
-                _ = shutdown.announced(), if !self.closing => {
+                // `closing` is never cleared, so the finished wait is not
+                // polled again.
+                () = &mut announced, if !self.closing => {
                     self.closing = true;
                 }
             }
