@@ -498,7 +498,7 @@ impl ReplyWriter {
 
     pub fn bulk(&self, out: &mut BytesMut, data: &[u8]) {
         out.put_u8(b'$');
-        out.put_slice(data.len().to_string().as_bytes());
+        put_decimal(out, data.len() as u64);
         out.put_slice(b"\r\n");
         out.put_slice(data);
         out.put_slice(b"\r\n");
@@ -510,7 +510,7 @@ impl ReplyWriter {
 
     pub fn array(&self, out: &mut BytesMut, len: usize) {
         out.put_u8(b'*');
-        out.put_slice(len.to_string().as_bytes());
+        put_decimal(out, len as u64);
         out.put_slice(b"\r\n");
     }
 
@@ -518,7 +518,7 @@ impl ReplyWriter {
     pub fn map(&self, out: &mut BytesMut, pairs: usize) {
         if self.resp3 {
             out.put_u8(b'%');
-            out.put_slice(pairs.to_string().as_bytes());
+            put_decimal(out, pairs as u64);
             out.put_slice(b"\r\n");
         } else {
             self.array(out, pairs * 2);
@@ -529,7 +529,7 @@ impl ReplyWriter {
     pub fn verbatim(&self, out: &mut BytesMut, text: &[u8]) {
         if self.resp3 {
             out.put_u8(b'=');
-            out.put_slice((text.len() + 4).to_string().as_bytes());
+            put_decimal(out, (text.len() + 4) as u64);
             out.put_slice(b"\r\ntxt:");
             out.put_slice(text);
             out.put_slice(b"\r\n");
@@ -552,7 +552,7 @@ fn put_line_text(out: &mut BytesMut, text: &[u8]) {
 /// Appends a multibulk request with the given arguments.
 pub fn put_request<'a>(out: &mut BytesMut, args: impl ExactSizeIterator<Item = &'a [u8]>) {
     out.put_u8(b'*');
-    out.put_slice(args.len().to_string().as_bytes());
+    put_decimal(out, args.len() as u64);
     out.put_slice(b"\r\n");
     for arg in args {
         put_bulk(out, arg);
@@ -560,9 +560,26 @@ pub fn put_request<'a>(out: &mut BytesMut, args: impl ExactSizeIterator<Item = &
 }
 
 /// Appends one bulk string.
+/// Writes `n` in decimal, as RESP lengths and integers are written, without
+/// the allocation `to_string` would make on every frame.
+pub fn put_decimal(out: &mut BytesMut, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    let mut rest = n;
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.put_slice(&digits[start..]);
+}
+
 pub fn put_bulk(out: &mut BytesMut, data: &[u8]) {
     out.put_u8(b'$');
-    out.put_slice(data.len().to_string().as_bytes());
+    put_decimal(out, data.len() as u64);
     out.put_slice(b"\r\n");
     out.put_slice(data);
     out.put_slice(b"\r\n");
@@ -630,6 +647,15 @@ mod tests {
             } else {
                 let _ = decode_request(&damaged);
             }
+        }
+    }
+
+    #[test]
+    fn decimals_are_written_as_to_string_writes_them() {
+        for n in [0, 1, 9, 10, 99, 100, 4096, 1 << 32, u64::MAX] {
+            let mut out = BytesMut::new();
+            put_decimal(&mut out, n);
+            assert_eq!(&out[..], n.to_string().as_bytes());
         }
     }
 

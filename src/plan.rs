@@ -266,13 +266,13 @@ fn seal_values(
 
 fn put_array_header(out: &mut BytesMut, len: usize) {
     out.put_u8(b'*');
-    out.put_slice(len.to_string().as_bytes());
+    crate::frame::put_decimal(out, len as u64);
     out.put_slice(b"\r\n");
 }
 
 fn put_prefixed(out: &mut BytesMut, prefix: &[u8], arg: &[u8]) {
     out.put_u8(b'$');
-    out.put_slice((prefix.len() + arg.len()).to_string().as_bytes());
+    crate::frame::put_decimal(out, (prefix.len() + arg.len()) as u64);
     out.put_slice(b"\r\n");
     out.put_slice(prefix);
     out.put_slice(arg);
