@@ -5,6 +5,8 @@
 //! keyring. `keyring` decides which key a value needs and caches the derived
 //! per-project keys; `docs/encryption.md` describes the format for operators.
 
+mod iv;
+
 use std::io::{self, Read, Write};
 
 use aes::Aes256;
@@ -13,7 +15,6 @@ use cbc::cipher::{BlockModeDecrypt, BlockModeEncrypt, InnerIvInit, KeyInit};
 use flate2::Compression;
 use flate2::read::ZlibDecoder;
 use flate2::write::ZlibEncoder;
-use ring::rand::{SecureRandom, SystemRandom};
 use ring::{hkdf, hmac};
 
 /// The first three bytes of every sealed value.
@@ -191,11 +192,7 @@ pub fn seal(
     plaintext: &[u8],
     compression_threshold: usize,
 ) -> Result<Vec<u8>, SealError> {
-    let mut iv = [0u8; IV_LEN];
-    SystemRandom::new()
-        .fill(&mut iv)
-        .map_err(|_| SealError::Randomness)?;
-    seal_with_iv(keys, key_id, plaintext, compression_threshold, iv)
+    seal_with_iv(keys, key_id, plaintext, compression_threshold, iv::fresh()?)
 }
 
 /// [`seal`] with a caller-chosen IV, for test vectors only: reusing an IV
@@ -415,6 +412,7 @@ fn inflate(compressed: &[u8], limit: usize) -> Result<Vec<u8>, OpenError> {
 mod tests {
     use super::*;
     use cbc::cipher::block_padding::NoPadding;
+    use ring::rand::{SecureRandom, SystemRandom};
 
     fn unhex(text: &str) -> Vec<u8> {
         let digits: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
