@@ -1,20 +1,18 @@
 //! Sealing and opening values: the byte format of SPEC §6.
 //!
 //! The session seals every value a client writes and opens every value the
-//! upstream returns. This module is pure: bytes in, bytes out, no Redis and no
-//! keyring. `keyring` decides which key a value needs and caches the derived
-//! per-project keys; `docs/encryption.md` describes the format for operators.
+//! upstream returns. Bytes in, bytes out: no Redis and no keyring. The only
+//! state is per thread and never shapes a result: a batch of OS randomness
+//! for IVs (`iv`) and reusable zlib streams (`zlib`). `keyring` decides which
+//! key a value needs and caches the derived per-project keys;
+//! `docs/encryption.md` describes the format for operators.
 
 mod iv;
-
-use std::io::{self, Read, Write};
+mod zlib;
 
 use aes::Aes256;
 use cbc::cipher::block_padding::Pkcs7;
 use cbc::cipher::{BlockModeDecrypt, BlockModeEncrypt, InnerIvInit, KeyInit};
-use flate2::Compression;
-use flate2::read::ZlibDecoder;
-use flate2::write::ZlibEncoder;
 use ring::{hkdf, hmac};
 
 /// The first three bytes of every sealed value.
@@ -47,12 +45,9 @@ const FIXED_HEADER_LEN: usize = MAGIC.len() + 3;
 /// The shortest possible sealed value: one-byte key id, one cipher block.
 const MIN_SEALED_LEN: usize = FIXED_HEADER_LEN + 1 + IV_LEN + BLOCK_LEN + TAG_LEN;
 
-/// zlib level 1: values are compressed on the request path, where latency
-/// matters more than the last few percent of size.
-const COMPRESSION_LEVEL: Compression = Compression::fast();
-
-type Encryptor = cbc::Encryptor<Aes256>;
-type Decryptor = cbc::Decryptor<Aes256>;
+/// CBC over a borrowed key schedule: nothing is copied per value.
+type Encryptor<'a> = cbc::Encryptor<&'a Aes256>;
+type Decryptor<'a> = cbc::Decryptor<&'a Aes256>;
 
 /// Why a value could not be sealed. Neither variant is the client's fault.
 #[derive(Debug, thiserror::Error)]
@@ -112,9 +107,11 @@ pub enum OpenError {
 /// proxy can contain derived keys, as it can contain the keyring itself.
 #[derive(Clone)]
 pub struct ProjectKeys {
-    /// The expanded AES key schedule, cloned per value rather than expanded
-    /// again from the key bytes.
+    /// The expanded AES key schedule, borrowed by every seal and open
+    /// rather than expanded again from the key bytes.
     cipher: Aes256,
+    /// ring's HMAC key holds the hash states after the inner and outer pads,
+    /// so a tag costs only the blocks of the value itself.
     mac: hmac::Key,
 }
 
@@ -180,7 +177,7 @@ pub fn is_sealed(value: &[u8]) -> bool {
 /// A plaintext longer than `compression_threshold` is zlib-compressed first,
 /// and the compressed form is kept only if it is at most 90% of the original;
 /// `usize::MAX` disables compression. The result is written into one buffer
-/// sized up front.
+/// of exactly the sealed length.
 ///
 /// The tag binds the value to its project and key id but not to the Redis
 /// key it is stored under: the SPEC §6 format has no room for it, so a value
@@ -192,7 +189,17 @@ pub fn seal(
     plaintext: &[u8],
     compression_threshold: usize,
 ) -> Result<Vec<u8>, SealError> {
-    seal_with_iv(keys, key_id, plaintext, compression_threshold, iv::fresh()?)
+    if !is_valid_key_id(key_id) {
+        return Err(SealError::InvalidKeyId(key_id.to_owned()));
+    }
+    let iv = iv::fresh()?;
+    Ok(seal_valid(
+        keys,
+        key_id,
+        plaintext,
+        compression_threshold,
+        &iv,
+    ))
 }
 
 /// [`seal`] with a caller-chosen IV, for test vectors only: reusing an IV
@@ -208,92 +215,69 @@ pub fn seal_with_iv(
     if !is_valid_key_id(key_id) {
         return Err(SealError::InvalidKeyId(key_id.to_owned()));
     }
-
-    if plaintext.len() > compression_threshold
-        && let Some(sealed) = seal_compressed(keys, key_id, plaintext, &iv)
-    {
-        return Ok(sealed);
-    }
-
-    let header_len = FIXED_HEADER_LEN + key_id.len() + IV_LEN;
-    let mut buf = Vec::with_capacity(header_len + padded_len(plaintext.len()) + TAG_LEN);
-    write_header(&mut buf, 0, key_id, &iv);
-    buf.extend_from_slice(plaintext);
-    Ok(finish(keys, buf, header_len, &iv))
+    Ok(seal_valid(
+        keys,
+        key_id,
+        plaintext,
+        compression_threshold,
+        &iv,
+    ))
 }
 
-/// Tries the compressed form. Compression stops as soon as its output
-/// passes 90% of the plaintext, so an incompressible value costs no more
-/// than that much memory before it is sealed as it is.
-fn seal_compressed(
+/// Seals under a key id already checked. Compression, when tried, writes
+/// into the thread's scratch buffer, so the body is copied once, into the
+/// sealed value.
+fn seal_valid(
     keys: &ProjectKeys,
     key_id: &str,
     plaintext: &[u8],
+    compression_threshold: usize,
     iv: &[u8; IV_LEN],
-) -> Option<Vec<u8>> {
+) -> Vec<u8> {
+    if plaintext.len() <= compression_threshold {
+        return write_sealed(keys, 0, key_id, iv, plaintext);
+    }
+
     let budget = plaintext.len() / 10 * 9 + plaintext.len() % 10 * 9 / 10;
+    zlib::with_compressed(plaintext, budget, |compressed| match compressed {
+        Some(body) => write_sealed(keys, FLAG_COMPRESSED, key_id, iv, body),
+        None => write_sealed(keys, 0, key_id, iv, plaintext),
+    })
+}
+
+/// Lays out header, `message` and room for padding and tag in one buffer of
+/// the final length, then encrypts the message in place and writes the tag
+/// over the bytes before it.
+fn write_sealed(
+    keys: &ProjectKeys,
+    flags: u8,
+    key_id: &str,
+    iv: &[u8; IV_LEN],
+    message: &[u8],
+) -> Vec<u8> {
     let header_len = FIXED_HEADER_LEN + key_id.len() + IV_LEN;
-    let mut buf = Vec::with_capacity(header_len + padded_len(budget) + TAG_LEN);
-    write_header(&mut buf, FLAG_COMPRESSED, key_id, iv);
+    let padded = padded_len(message.len());
+    let mut out = Vec::with_capacity(header_len + padded + TAG_LEN);
 
-    let sink = CappedWriter {
-        buf: &mut buf,
-        cap: header_len + budget,
-    };
-    let mut encoder = ZlibEncoder::new(sink, COMPRESSION_LEVEL);
-    encoder.write_all(plaintext).ok()?;
-    encoder.finish().ok()?;
-
-    Some(finish(keys, buf, header_len, iv))
-}
-
-fn write_header(buf: &mut Vec<u8>, flags: u8, key_id: &str, iv: &[u8; IV_LEN]) {
     let id_len = u8::try_from(key_id.len()).expect("callers checked the key id is 1..=64 bytes");
-    buf.extend_from_slice(&MAGIC);
-    buf.extend_from_slice(&[VERSION, flags, id_len]);
-    buf.extend_from_slice(key_id.as_bytes());
-    buf.extend_from_slice(iv);
-}
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&[VERSION, flags, id_len]);
+    out.extend_from_slice(key_id.as_bytes());
+    out.extend_from_slice(iv);
+    out.extend_from_slice(message);
+    out.resize(header_len + padded + TAG_LEN, 0);
 
-/// Pads and encrypts the message that follows the header in place, then
-/// appends the tag over everything before it.
-fn finish(keys: &ProjectKeys, mut buf: Vec<u8>, header_len: usize, iv: &[u8; IV_LEN]) -> Vec<u8> {
-    let msg_len = buf.len() - header_len;
-    buf.resize(header_len + padded_len(msg_len), 0);
-
-    Encryptor::inner_iv_init(keys.cipher.clone(), &(*iv).into())
-        .encrypt_padded::<Pkcs7>(&mut buf[header_len..], msg_len)
-        .expect("the buffer was resized to the padded length");
-
-    let tag = hmac::sign(&keys.mac, &buf);
-    buf.extend_from_slice(tag.as_ref());
-    buf
+    let (authenticated, tag) = out.split_at_mut(header_len + padded);
+    Encryptor::inner_iv_init(&keys.cipher, &(*iv).into())
+        .encrypt_padded::<Pkcs7>(&mut authenticated[header_len..], message.len())
+        .expect("the buffer holds the padded length");
+    tag.copy_from_slice(hmac::sign(&keys.mac, authenticated).as_ref());
+    out
 }
 
 /// PKCS#7 always adds 1 to 16 bytes.
 fn padded_len(len: usize) -> usize {
     (len / BLOCK_LEN + 1) * BLOCK_LEN
-}
-
-/// A `Vec` sink that refuses to grow past `cap` bytes, so that compression
-/// that does not pay off is abandoned early.
-struct CappedWriter<'a> {
-    buf: &'a mut Vec<u8>,
-    cap: usize,
-}
-
-impl Write for CappedWriter<'_> {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        if self.buf.len() + data.len() > self.cap {
-            return Err(io::Error::other("compressed form saves less than 10%"));
-        }
-        self.buf.extend_from_slice(data);
-        Ok(data.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 /// The parsed header of a sealed value. Nothing in it is authenticated yet:
@@ -358,6 +342,39 @@ pub fn parse_header(value: &[u8]) -> Result<SealedHeader<'_>, OpenError> {
 /// and the caller's project; any other keys fail with
 /// [`OpenError::Integrity`].
 pub fn open(keys: &ProjectKeys, value: &[u8], max_plaintext: usize) -> Result<Vec<u8>, OpenError> {
+    let body = authenticate(keys, value, max_plaintext)?;
+    let mut message = body.ciphertext.to_vec();
+    let message_len = Decryptor::inner_iv_init(&keys.cipher, &body.iv.into())
+        .decrypt_padded::<Pkcs7>(&mut message)
+        .map_err(|_| OpenError::Malformed("padding is invalid"))?
+        .len();
+    message.truncate(message_len);
+
+    if body.compressed {
+        return zlib::with_inflated(&message, max_plaintext, <[u8]>::to_vec);
+    }
+    if message.len() > max_plaintext {
+        return Err(OpenError::TooLarge {
+            limit: max_plaintext,
+        });
+    }
+    Ok(message)
+}
+
+/// The encrypted part of a sealed value whose tag checked out.
+struct Authentic<'a> {
+    compressed: bool,
+    iv: [u8; IV_LEN],
+    ciphertext: &'a [u8],
+}
+
+/// Parses `value` and checks its tag, and the size limits that can be
+/// checked before decrypting.
+fn authenticate<'a>(
+    keys: &ProjectKeys,
+    value: &'a [u8],
+    max_plaintext: usize,
+) -> Result<Authentic<'a>, OpenError> {
     let header = parse_header(value)?;
     let tag_start = value.len() - TAG_LEN;
     hmac::verify(&keys.mac, &value[..tag_start], &value[tag_start..])
@@ -371,48 +388,23 @@ pub fn open(keys: &ProjectKeys, value: &[u8], max_plaintext: usize) -> Result<Ve
         });
     }
 
-    let iv: [u8; IV_LEN] = value[header.iv_start..ciphertext_start]
-        .try_into()
-        .expect("the IV slice is exactly IV_LEN bytes");
-    let mut message = ciphertext.to_vec();
-    let message_len = Decryptor::inner_iv_init(keys.cipher.clone(), &iv.into())
-        .decrypt_padded::<Pkcs7>(&mut message)
-        .map_err(|_| OpenError::Malformed("padding is invalid"))?
-        .len();
-    message.truncate(message_len);
-
-    if header.compressed {
-        return inflate(&message, max_plaintext);
-    }
-    if message.len() > max_plaintext {
-        return Err(OpenError::TooLarge {
-            limit: max_plaintext,
-        });
-    }
-    Ok(message)
-}
-
-/// Decompresses at most `limit` bytes; one byte more means the value is too
-/// large, whatever its real size.
-fn inflate(compressed: &[u8], limit: usize) -> Result<Vec<u8>, OpenError> {
-    let mut out = Vec::with_capacity(compressed.len().saturating_mul(4).min(limit));
-    let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
-    ZlibDecoder::new(compressed)
-        .take(cap)
-        .read_to_end(&mut out)
-        .map_err(|_| OpenError::Decompress)?;
-
-    if out.len() > limit {
-        return Err(OpenError::TooLarge { limit });
-    }
-    Ok(out)
+    Ok(Authentic {
+        compressed: header.compressed,
+        iv: value[header.iv_start..ciphertext_start]
+            .try_into()
+            .expect("the IV slice is exactly IV_LEN bytes"),
+        ciphertext,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use cbc::cipher::block_padding::NoPadding;
+    use flate2::Compression;
+    use flate2::write::ZlibEncoder;
     use ring::rand::{SecureRandom, SystemRandom};
+    use std::io::Write;
 
     fn unhex(text: &str) -> Vec<u8> {
         let digits: Vec<u8> = text.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
@@ -457,6 +449,11 @@ mod tests {
         ProjectKeys::derive(&[7u8; 32], project)
     }
 
+    /// A value with a valid tag whose flags claim `body` is zlib.
+    fn authentic_compressed_body(keys: &ProjectKeys, body: &[u8]) -> Vec<u8> {
+        write_sealed(keys, FLAG_COMPRESSED, "k1", &[0u8; 16], body)
+    }
+
     const VECTOR_SECRET: [u8; 32] = [
         0x00, 0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x0e,
         0x0f, 0x10, 0x11, 0x12, 0x13, 0x14, 0x15, 0x16, 0x17, 0x18, 0x19, 0x1a, 0x1b, 0x1c, 0x1d,
@@ -488,12 +485,12 @@ mod tests {
         let cipher = Aes256::new_from_slice(&key).unwrap();
 
         let mut buf = plaintext.clone();
-        let ciphertext = Encryptor::inner_iv_init(cipher.clone(), &iv.into())
+        let ciphertext = Encryptor::inner_iv_init(&cipher, &iv.into())
             .encrypt_padded::<NoPadding>(&mut buf, plaintext.len())
             .unwrap();
         assert_eq!(hex(ciphertext), hex(&expected));
 
-        let decrypted = Decryptor::inner_iv_init(cipher, &iv.into())
+        let decrypted = Decryptor::inner_iv_init(&cipher, &iv.into())
             .decrypt_padded::<NoPadding>(&mut buf)
             .unwrap();
         assert_eq!(decrypted, &plaintext[..]);
@@ -754,13 +751,26 @@ mod tests {
     }
 
     #[test]
+    fn zlib_body_from_another_implementation_opens() {
+        // C zlib at level 9 (dynamic Huffman blocks), so that values sealed
+        // by any conforming compressor keep opening whatever backend
+        // inflates them.
+        let c_zlib_level_9 = unhex(
+            "78dacbcc2bcbcf4c4e553031522848cc4c51c8cc53482bcdc9b1063246254625
+             462586890400c8944d80",
+        );
+        let keys = test_keys("billing");
+        let sealed = authentic_compressed_body(&keys, &c_zlib_level_9);
+        assert_eq!(
+            open(&keys, &sealed, DEFAULT_MAX_PLAINTEXT).unwrap(),
+            b"invoice 42 paid in full; ".repeat(40)
+        );
+    }
+
+    #[test]
     fn authentic_but_corrupt_zlib_body_fails_to_decompress() {
         let keys = test_keys("billing");
-        let mut forged = Vec::new();
-        write_header(&mut forged, FLAG_COMPRESSED, "k1", &[0u8; 16]);
-        let header_len = forged.len();
-        forged.extend_from_slice(b"this is not zlib");
-        let forged = finish(&keys, forged, header_len, &[0u8; 16]);
+        let forged = authentic_compressed_body(&keys, b"this is not zlib");
         assert!(matches!(
             open(&keys, &forged, DEFAULT_MAX_PLAINTEXT),
             Err(OpenError::Decompress)
@@ -771,15 +781,11 @@ mod tests {
     fn authentic_but_truncated_zlib_body_fails_to_decompress() {
         let keys = test_keys("billing");
         let mut compressed = Vec::new();
-        let mut encoder = ZlibEncoder::new(&mut compressed, COMPRESSION_LEVEL);
+        let mut encoder = ZlibEncoder::new(&mut compressed, Compression::fast());
         encoder.write_all(&b"abc".repeat(1000)).unwrap();
         encoder.finish().unwrap();
 
-        let mut forged = Vec::new();
-        write_header(&mut forged, FLAG_COMPRESSED, "k1", &[0u8; 16]);
-        let header_len = forged.len();
-        forged.extend_from_slice(&compressed[..compressed.len() - 6]);
-        let forged = finish(&keys, forged, header_len, &[0u8; 16]);
+        let forged = authentic_compressed_body(&keys, &compressed[..compressed.len() - 6]);
         assert!(matches!(
             open(&keys, &forged, DEFAULT_MAX_PLAINTEXT),
             Err(OpenError::Decompress)
