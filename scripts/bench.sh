@@ -17,6 +17,9 @@
 # Speed is measured here, never asserted in tests.
 #
 #   scripts/bench.sh [REQUESTS] [REPEATS]     (defaults: 100000, 3)
+#
+# BENCH_SCENARIOS="50 1 4096,50 16 100" runs only the scenarios listed, each
+# as "clients pipeline size"; BENCH_TESTS="set" runs only SET.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -72,6 +75,8 @@ commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 git diff --quiet HEAD -- 2>/dev/null || commit+=" (with uncommitted changes)"
 cmdline="scripts/bench.sh $requests $repeats"
 [ "$audited" = 1 ] && cmdline="BENCH_AUDITED=1 $cmdline"
+[ -n "${BENCH_TESTS:-}" ] && cmdline="BENCH_TESTS=\"$BENCH_TESTS\" $cmdline"
+[ -n "${BENCH_SCENARIOS:-}" ] && cmdline="BENCH_SCENARIOS=\"$BENCH_SCENARIOS\" $cmdline"
 echo "command:  $cmdline"
 echo "machine:  $(nproc) CPUs, $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
 echo "versions: redcloak $commit, $(redis-server --version | awk '{ sub("v=", "", $3); print "redis-server", $3 }'), $(redis-benchmark --version)"
@@ -176,9 +181,11 @@ row='%-22s %-8s %10s %8s %8s %6s  %s\n'
 printf "$row" scenario setup 'req/s' p50_ms p99_ms ratio target
 met=0 goals=0
 mkdir "$work/runs"
-for scenario in "50 1 100" "50 16 100" "50 1 4096"; do
+IFS=, read -r -a scenarios <<<"${BENCH_SCENARIOS:-50 1 100,50 16 100,50 1 4096}"
+read -r -a tests <<<"${BENCH_TESTS:-set get}"
+for scenario in "${scenarios[@]}"; do
   read -r clients pipeline size <<<"$scenario"
-  for test in set get; do
+  for test in "${tests[@]}"; do
     for _ in $(seq "$repeats"); do
       for s in redis "${setups[@]}"; do
         bench_once "$s" "$test" "$clients" "$pipeline" "$size" >>"$work/runs/$s"
