@@ -18,10 +18,10 @@ use super::OpenError;
 /// With the zlib-rs backend, level 1 codes literals with the fixed Huffman
 /// table only. Text with repeats still shrinks, but values drawn from a
 /// small alphabet without repeats (hex, base64, redis-benchmark's payloads)
-/// no longer reach the 10% saving and are stored uncompressed, after a
-/// compression attempt that cost a full pass. Level 2 would compress them
-/// (base64 to about 76%) at roughly the cost of the old backend's level 1;
-/// level 1 was kept because it gave the higher SET throughput.
+/// no longer shrink and are stored uncompressed, after a probe of their
+/// first bytes (see [`PROBE_LEN`]). Level 2 would compress them (base64 to
+/// about 76%) at roughly the cost of miniz_oxide's level 1; level 1 was
+/// kept because it gave the higher SET throughput.
 const LEVEL: Compression = Compression::fast();
 
 /// Scratch buffers that grew past this are released after use, so that one
@@ -65,15 +65,32 @@ thread_local! {
     });
 }
 
+/// Values of at least twice this length are compressed in two steps: this
+/// many bytes first, flushed so that their compressed size is known, then
+/// the rest. If the first step gained nothing at all, the value is most
+/// likely compressed, encrypted or random already (images, archives,
+/// tokens), and compressing the rest would be a wasted pass over it.
+///
+/// The price: a value whose first bytes are incompressible but whose rest
+/// would have saved 10% is stored uncompressed. The flush between the steps
+/// costs a few bytes of output on values that do compress.
+const PROBE_LEN: usize = 512;
+
 /// Compresses `plaintext` into one zlib stream (RFC 1950) and hands it to
-/// `f`, or hands `None` if the stream is longer than `budget` bytes.
-/// Compression stops as soon as the budget is spent, so a value that does
-/// not compress is compressed only once, and only that far.
+/// `f`, or hands `None` if the stream is longer than `budget` bytes or the
+/// value's first [`PROBE_LEN`] bytes did not shrink. Compression stops as
+/// soon as either is known, so a value that does not compress is compressed
+/// only once, and only that far.
 pub(super) fn with_compressed<R>(
     plaintext: &[u8],
     budget: usize,
     f: impl FnOnce(Option<&[u8]>) -> R,
 ) -> R {
+    // Resetting the stream alone clears a 128 KiB table; a value that the
+    // probe would refuse is refused before that.
+    if plaintext.len() >= 2 * PROBE_LEN && !may_shrink(&plaintext[..PROBE_LEN]) {
+        return f(None);
+    }
     DEFLATE.with(|cell| {
         let mut deflate = cell.borrow_mut();
         let deflate = &mut *deflate;
@@ -83,17 +100,71 @@ pub(super) fn with_compressed<R>(
         deflate.stream.reset();
         deflate.grow_to(budget);
         let out = &mut deflate.out[..budget];
-        let status = deflate
-            .stream
-            .compress(plaintext, out, FlushCompress::Finish);
+        let finished = compress_within(&mut deflate.stream, plaintext, out);
 
         let len = usize::try_from(deflate.stream.total_out())
             .expect("the stream wrote into a slice, so its total fits in usize");
-        let compressed = matches!(status, Ok(Status::StreamEnd)).then(|| &deflate.out[..len]);
+        let compressed = finished.then(|| &deflate.out[..len]);
         let result = f(compressed);
         deflate.release_if_large();
         result
     })
+}
+
+/// Whether level-1 deflate could possibly shrink `probe`. That level codes
+/// every byte it cannot match against earlier input with 8 or 9 bits, and
+/// it matches only runs of 4 bytes or more seen before. Each byte of a
+/// match saves about one byte, and the zlib header, block header and flush
+/// cost about 8, so a probe with fewer repeated 4-byte runs than that
+/// cannot shrink. Counting them with a small table costs far less than a
+/// deflate pass; hash collisions only undercount.
+fn may_shrink(probe: &[u8]) -> bool {
+    const SLOTS_BITS: u32 = 10;
+    const NOT_SEEN: u16 = u16::MAX;
+    const OVERHEAD: usize = 8;
+
+    // The position where each slot's 4-byte run was last seen.
+    let mut last_seen = [NOT_SEEN; 1 << SLOTS_BITS];
+    let mut repeats = 0;
+    for (pos, run) in probe.windows(4).enumerate() {
+        let word = u32::from_le_bytes([run[0], run[1], run[2], run[3]]);
+        let slot = (word.wrapping_mul(0x9E37_79B1) >> (32 - SLOTS_BITS)) as usize;
+        let earlier = usize::from(last_seen[slot]);
+        if probe.get(earlier..earlier + 4) == Some(run) {
+            repeats += 1;
+            if repeats >= OVERHEAD {
+                return true;
+            }
+        }
+        last_seen[slot] = u16::try_from(pos).unwrap_or(NOT_SEEN);
+    }
+    false
+}
+
+/// Runs a freshly reset `stream` over `plaintext` into `out`; true if the
+/// whole stream fit and the probe (see [`PROBE_LEN`]) found it worth it.
+fn compress_within(stream: &mut Compress, plaintext: &[u8], out: &mut [u8]) -> bool {
+    let mut rest = plaintext;
+    if plaintext.len() >= 2 * PROBE_LEN {
+        let (head, tail) = plaintext.split_at(PROBE_LEN);
+        let probed = stream.compress(head, out, FlushCompress::Sync);
+        let shrank = u64::try_from(PROBE_LEN)
+            .is_ok_and(|probe| stream.total_in() == probe && stream.total_out() < probe);
+        if probed.is_err() || !shrank {
+            return false;
+        }
+        rest = tail;
+    }
+    let Ok(written) = usize::try_from(stream.total_out()) else {
+        return false;
+    };
+    let Some(room) = out.get_mut(written..) else {
+        return false;
+    };
+    matches!(
+        stream.compress(rest, room, FlushCompress::Finish),
+        Ok(Status::StreamEnd)
+    )
 }
 
 /// Inflates the zlib stream `compressed` and hands the bytes to `f`. Stops
@@ -157,4 +228,74 @@ fn totals(stream: &Decompress) -> (usize, usize) {
             .expect("the stream read and wrote slices, so its totals fit in usize")
     };
     (total(stream.total_in()), total(stream.total_out()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the probe costs in deflate: the compressed size of `probe`
+    /// alone, flushed as the two-step compression flushes it.
+    fn deflated_len(probe: &[u8]) -> usize {
+        let mut stream = Compress::new(LEVEL, true);
+        let mut out = vec![0; probe.len() * 2 + 64];
+        stream
+            .compress(probe, &mut out, FlushCompress::Sync)
+            .unwrap();
+        usize::try_from(stream.total_out()).unwrap()
+    }
+
+    /// `count` bytes from a fixed sequence, each from the first `alphabet`
+    /// byte values counted from `base`.
+    fn sequence(count: usize, base: u8, alphabet: u32, seed: u32) -> Vec<u8> {
+        let mut state = seed;
+        (0..count)
+            .map(|_| {
+                state = state.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                base.wrapping_add(((state >> 16) % alphabet) as u8)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_probe_judged_unshrinkable_does_not_shrink_under_deflate() {
+        let mut probes = vec![
+            sequence(PROBE_LEN, 0, 256, 1),
+            sequence(PROBE_LEN, b'0', 64, 1234),
+            sequence(PROBE_LEN, b'a', 16, 99),
+        ];
+        // A few short repeats: still below what deflate needs to gain.
+        let mut few_repeats = sequence(PROBE_LEN, 0, 256, 5);
+        few_repeats.copy_within(0..8, 300);
+        probes.push(few_repeats);
+
+        let mut judged = 0;
+        for probe in &probes {
+            if !may_shrink(probe) {
+                judged += 1;
+                assert!(deflated_len(probe) >= probe.len());
+            }
+        }
+        assert!(judged >= 3, "random-looking probes are judged unshrinkable");
+    }
+
+    #[test]
+    fn a_probe_with_repeats_goes_to_deflate() {
+        let text = b"{\"user\":\"ada\",\"role\":\"admin\",\"active\":true},".repeat(12);
+        assert!(may_shrink(&text[..PROBE_LEN]));
+        assert!(deflated_len(&text[..PROBE_LEN]) < PROBE_LEN);
+
+        let mut one_long_run = sequence(PROBE_LEN, 0, 256, 3);
+        one_long_run.copy_within(0..64, 400);
+        assert!(may_shrink(&one_long_run));
+    }
+
+    #[test]
+    fn with_compressed_gives_a_stream_that_inflates_to_the_input() {
+        let value = b"abcdefgh".repeat(600);
+        let compressed = with_compressed(&value, value.len(), |c| c.map(<[u8]>::to_vec));
+        let compressed = compressed.expect("repetitive text compresses");
+        let inflated = with_inflated(&compressed, value.len(), <[u8]>::to_vec).unwrap();
+        assert_eq!(inflated, value);
+    }
 }
