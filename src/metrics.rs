@@ -276,12 +276,17 @@ impl Metrics {
 
     /// `command` is the command table's name, or `"unknown"`.
     pub fn command(&self, command: &'static str, outcome: Outcome) {
+        self.commands_by(command, outcome, 1);
+    }
+
+    /// Counts `count` commands of one name and outcome at once.
+    pub fn commands_by(&self, command: &'static str, outcome: Outcome, count: u64) {
         self.commands
             .get_or_create(&CommandLabels {
                 command,
                 outcome: outcome.as_str(),
             })
-            .inc();
+            .inc_by(count);
     }
 
     pub fn upstream_latency(&self, elapsed: Duration) {

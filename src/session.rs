@@ -1004,6 +1004,7 @@ impl Session {
     /// `use_shared_link`), and the own link's wait in its buffer meanwhile.
     fn take_replies(&mut self) -> Result<(), Fault> {
         let limits = reply_limits(&self.shared.limits);
+        let mut tally = self.shared.monitor.tally(self.peer);
         loop {
             let from_shared = self.pending.front().is_some_and(Pending::is_shared);
             let (input, scanner, resp3) =
@@ -1067,7 +1068,7 @@ impl Session {
                             Err(ReplyError::Protocol(e)) => {
                                 // This request's plan is taken already: its
                                 // error goes here, the others' in `upstream_lost`.
-                                monitor.replied(self.peer, &tracking, Outcome::Error);
+                                tally.replied(&tracking, Outcome::Error);
                                 self.writer.error(&mut self.client_out, UPSTREAM_LOST);
                                 return Err(Fault::Upstream(e.into()));
                             }
@@ -1084,7 +1085,7 @@ impl Session {
                             }
                         }
                     }
-                    monitor.replied(self.peer, &tracking, outcome);
+                    tally.replied(&tracking, outcome);
                 }
                 Some(Pending::Exec {
                     plans,
@@ -1098,7 +1099,7 @@ impl Session {
                         let failed = match transformed {
                             Ok(failed) => failed,
                             Err(e) => {
-                                monitor.replied(self.peer, &tracking, Outcome::Error);
+                                tally.replied(&tracking, Outcome::Error);
                                 self.writer.error(&mut self.client_out, UPSTREAM_LOST);
                                 return Err(Fault::Upstream(e.into()));
                             }
@@ -1107,7 +1108,7 @@ impl Session {
                             monitor.integrity_failure(self.peer, &tracking, command, e);
                         }
                     }
-                    monitor.replied(self.peer, &tracking, outcome);
+                    tally.replied(&tracking, outcome);
                 }
                 Some(Pending::Hello {
                     resp3,
