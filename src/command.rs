@@ -9,10 +9,10 @@
 //! Key positions follow Redis 7's own key specifications (`COMMAND INFO`),
 //! so the table can be checked against a live server.
 
-use std::collections::HashMap;
 use std::sync::LazyLock;
 
 use bytes::Bytes;
+use foldhash::HashMap;
 
 mod table;
 
@@ -287,7 +287,9 @@ pub fn offered_commands() -> impl Iterator<Item = &'static CommandSpec> {
 /// comes near it, so a longer name is simply unknown.
 const MAX_NAME: usize = 32;
 
-/// The top-level commands by lowercase name, built on first use.
+/// The top-level commands by lowercase name, built on first use. Looked up
+/// once per request, so with foldhash rather than SipHash: clients only
+/// look names up, never insert, so hash flooding has nothing to fill.
 static BY_NAME: LazyLock<HashMap<&'static [u8], &'static CommandSpec>> = LazyLock::new(|| {
     commands()
         .map(|spec| (spec.name.as_bytes(), spec))

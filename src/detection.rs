@@ -8,13 +8,13 @@
 //! everything here is non-blocking except a login's lockout check, which
 //! may ask the upstream when lockout counters are shared.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use foldhash::HashMap;
 use tokio::time::Instant;
 
 use crate::audit::{self, Alert, Audit, Event, Record};
@@ -161,7 +161,7 @@ impl Monitor {
             failed_auth_per_minute: detection.failed_auth_per_minute,
             access_per_minute: detection.access_per_minute,
             failed_auth: RateWindow::default(),
-            access: RwLock::new(HashMap::new()),
+            access: RwLock::new(HashMap::default()),
         }
     }
 

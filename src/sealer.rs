@@ -6,9 +6,10 @@
 //! id and caches them; `crypto` does the byte work, `keyring` owns the
 //! secrets.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, PoisonError, RwLock};
+
+use foldhash::HashMap;
 
 use crate::crypto::{self, DEFAULT_MAX_PLAINTEXT, OpenError, ProjectKeys, SealError};
 use crate::keyring::Keyring;
@@ -29,7 +30,8 @@ pub struct Sealer {
     max_plaintext: usize,
     /// Key id, then project, to keys. Nested so a lookup borrows `&str`
     /// instead of building an owned pair. The lock is held only for a map
-    /// lookup or insert, never while deriving or sealing.
+    /// lookup or insert, never while deriving or sealing. Keys come from
+    /// configuration only, so the fast foldhash is safe from hash flooding.
     derived: RwLock<HashMap<String, HashMap<String, Arc<ProjectKeys>>>>,
     /// Bytes sealed, opened and saved by compression, when the proxy counts
     /// them (`reencrypt` does not).
@@ -82,7 +84,7 @@ impl Sealer {
             compression_threshold,
             strict,
             max_plaintext: DEFAULT_MAX_PLAINTEXT,
-            derived: RwLock::new(HashMap::new()),
+            derived: RwLock::new(HashMap::default()),
             counters: None,
         }
     }
