@@ -19,14 +19,15 @@
 #   scripts/bench.sh [REQUESTS] [REPEATS]     (defaults: 100000, 3)
 #
 # BENCH_SCENARIOS="50 1 4096,50 16 100" runs only the scenarios listed, each
-# as "clients pipeline size"; BENCH_TESTS="set" runs only SET.
+# as "clients pipeline size"; BENCH_TESTS="set" runs only SET;
+# BENCH_WORKERS=2 sets the proxies' server.workers (default: theirs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 requests=${1:-100000}
 repeats=${2:-3}
 audited=${BENCH_AUDITED:-0}
-if ! [[ "$requests" =~ ^[1-9][0-9]*$ && "$repeats" =~ ^[1-9][0-9]*$ ]]; then
+if ! [[ "$requests" =~ ^[1-9][0-9]*$ && "$repeats" =~ ^[1-9][0-9]*$ && "${BENCH_WORKERS:-0}" =~ ^[0-9]+$ ]]; then
   echo "usage: [BENCH_AUDITED=1] scripts/bench.sh [REQUESTS] [REPEATS]" >&2
   exit 2
 fi
@@ -75,6 +76,7 @@ commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 git diff --quiet HEAD -- 2>/dev/null || commit+=" (with uncommitted changes)"
 cmdline="scripts/bench.sh $requests $repeats"
 [ "$audited" = 1 ] && cmdline="BENCH_AUDITED=1 $cmdline"
+[ -n "${BENCH_WORKERS:-}" ] && cmdline="BENCH_WORKERS=$BENCH_WORKERS $cmdline"
 [ -n "${BENCH_TESTS:-}" ] && cmdline="BENCH_TESTS=\"$BENCH_TESTS\" $cmdline"
 [ -n "${BENCH_SCENARIOS:-}" ] && cmdline="BENCH_SCENARIOS=\"$BENCH_SCENARIOS\" $cmdline"
 echo "command:  $cmdline"
@@ -123,6 +125,7 @@ access_logging = true"
   cat >"$work/$1.toml" <<TOML
 [server]
 listen = "127.0.0.1:$p"
+workers = ${BENCH_WORKERS:-0}
 $tls
 [upstream]
 address = "127.0.0.1:$redis_port"

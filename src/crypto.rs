@@ -189,17 +189,31 @@ pub fn seal(
     plaintext: &[u8],
     compression_threshold: usize,
 ) -> Result<Vec<u8>, SealError> {
+    let mut sealed = Vec::new();
+    seal_into(keys, key_id, plaintext, compression_threshold, |len| {
+        sealed.resize(len, 0);
+        &mut sealed[..]
+    })?;
+    Ok(sealed)
+}
+
+/// [`seal`] into a buffer of the caller's: `reserve` is called once, with
+/// the exact sealed length, and returns the slice of that length to write
+/// the sealed value into; it is not called if sealing fails. Lets a value
+/// be sealed straight into an outgoing request.
+pub fn seal_into<'b>(
+    keys: &ProjectKeys,
+    key_id: &str,
+    plaintext: &[u8],
+    compression_threshold: usize,
+    reserve: impl FnOnce(usize) -> &'b mut [u8],
+) -> Result<(), SealError> {
     if !is_valid_key_id(key_id) {
         return Err(SealError::InvalidKeyId(key_id.to_owned()));
     }
     let iv = iv::fresh()?;
-    Ok(seal_valid(
-        keys,
-        key_id,
-        plaintext,
-        compression_threshold,
-        &iv,
-    ))
+    seal_valid(keys, key_id, plaintext, compression_threshold, &iv, reserve);
+    Ok(())
 }
 
 /// [`seal`] with a caller-chosen IV, for test vectors only: reusing an IV
@@ -215,60 +229,71 @@ pub fn seal_with_iv(
     if !is_valid_key_id(key_id) {
         return Err(SealError::InvalidKeyId(key_id.to_owned()));
     }
-    Ok(seal_valid(
-        keys,
-        key_id,
-        plaintext,
-        compression_threshold,
-        &iv,
-    ))
+    let mut sealed = Vec::new();
+    seal_valid(keys, key_id, plaintext, compression_threshold, &iv, |len| {
+        sealed.resize(len, 0);
+        &mut sealed[..]
+    });
+    Ok(sealed)
 }
 
-/// Seals under a key id already checked. Compression, when tried, writes
-/// into the thread's scratch buffer, so the body is copied once, into the
-/// sealed value.
-fn seal_valid(
+/// Seals under a key id already checked, into the slice `reserve` gives.
+/// Compression, when tried, writes into the thread's scratch buffer, so the
+/// body is copied once, into the sealed value.
+fn seal_valid<'b>(
     keys: &ProjectKeys,
     key_id: &str,
     plaintext: &[u8],
     compression_threshold: usize,
     iv: &[u8; IV_LEN],
-) -> Vec<u8> {
+    reserve: impl FnOnce(usize) -> &'b mut [u8],
+) {
+    let write = |flags, message: &[u8]| {
+        let out = reserve(sealed_len(key_id, message.len()));
+        write_sealed(keys, flags, key_id, iv, message, out);
+    };
     if plaintext.len() <= compression_threshold {
-        return write_sealed(keys, 0, key_id, iv, plaintext);
+        return write(0, plaintext);
     }
 
     let budget = plaintext.len() / 10 * 9 + plaintext.len() % 10 * 9 / 10;
     zlib::with_compressed(plaintext, budget, |compressed| match compressed {
-        Some(body) => write_sealed(keys, FLAG_COMPRESSED, key_id, iv, body),
-        None => write_sealed(keys, 0, key_id, iv, plaintext),
+        Some(body) => write(FLAG_COMPRESSED, body),
+        None => write(0, plaintext),
     })
 }
 
-/// Lays out header, `message` and room for padding and tag in one buffer of
-/// the final length, then encrypts the message in place and writes the tag
-/// over the bytes before it.
+/// The length of a sealed value whose (possibly compressed) message is
+/// `message_len` bytes: header, key id, IV, padded ciphertext and tag.
+pub fn sealed_len(key_id: &str, message_len: usize) -> usize {
+    FIXED_HEADER_LEN + key_id.len() + IV_LEN + padded_len(message_len) + TAG_LEN
+}
+
+/// Lays out header, `message` and padding in `out` (exactly the sealed
+/// length), then encrypts the message in place and writes the tag after it.
 fn write_sealed(
     keys: &ProjectKeys,
     flags: u8,
     key_id: &str,
     iv: &[u8; IV_LEN],
     message: &[u8],
-) -> Vec<u8> {
+    out: &mut [u8],
+) {
     let header_len = FIXED_HEADER_LEN + key_id.len() + IV_LEN;
     let padded = padded_len(message.len());
-    let mut out = Vec::with_capacity(header_len + padded + TAG_LEN);
+    debug_assert_eq!(out.len(), header_len + padded + TAG_LEN);
 
     let id_len = u8::try_from(key_id.len()).expect("callers checked the key id is 1..=64 bytes");
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&[VERSION, flags, id_len]);
-    out.extend_from_slice(key_id.as_bytes());
-    out.extend_from_slice(iv);
-    out.extend_from_slice(message);
-    out.resize(header_len + padded + TAG_LEN, 0);
+    let (header, rest) = out.split_at_mut(header_len);
+    let (fixed, variable) = header.split_at_mut(FIXED_HEADER_LEN);
+    fixed[..MAGIC.len()].copy_from_slice(&MAGIC);
+    fixed[MAGIC.len()..].copy_from_slice(&[VERSION, flags, id_len]);
+    let (id, iv_field) = variable.split_at_mut(key_id.len());
+    id.copy_from_slice(key_id.as_bytes());
+    iv_field.copy_from_slice(iv);
 
-    let (authenticated, tag) = out.split_at_mut(header_len + padded);
-    let (header, body) = authenticated.split_at_mut(header_len);
+    let (body, tag) = rest.split_at_mut(padded);
+    body[..message.len()].copy_from_slice(message);
     // PKCS#7: every padding byte holds the padding length, 1 to 16.
     let pad = padded - message.len();
     body[message.len()..].fill(u8::try_from(pad).expect("padding is 1 to 16 bytes"));
@@ -281,7 +306,6 @@ fn write_sealed(
         body,
     );
     tag.copy_from_slice(mac.sign().as_ref());
-    out
 }
 
 /// Blocks encrypted between two MAC updates. CBC encryption is one long
@@ -488,7 +512,9 @@ mod tests {
 
     /// A value with a valid tag whose flags claim `body` is zlib.
     fn authentic_compressed_body(keys: &ProjectKeys, body: &[u8]) -> Vec<u8> {
-        write_sealed(keys, FLAG_COMPRESSED, "k1", &[0u8; 16], body)
+        let mut sealed = vec![0; sealed_len("k1", body.len())];
+        write_sealed(keys, FLAG_COMPRESSED, "k1", &[0u8; 16], body, &mut sealed);
+        sealed
     }
 
     const VECTOR_SECRET: [u8; 32] = [

@@ -175,10 +175,9 @@ pub fn rewrite(
     key_scratch.sort_unstable();
     key_scratch.dedup();
     let patterns = pattern_indexes(spec.patterns, args);
-    let sealed = match values {
-        Some(values) => seal_values(spec.values, args, values)?,
-        None => Vec::new(),
-    };
+    // Values are sealed straight into `out`; if one fails, `out` is cut
+    // back to here so that nothing of the request is sent.
+    let start = out.len();
 
     let guarded = values.is_some() && NEEDS_PLAINTEXT.contains(&spec.name);
     if guarded {
@@ -196,11 +195,13 @@ pub fn rewrite(
 
     let prefix = namespace.prefix();
     let mut keys = key_scratch.iter().copied().peekable();
-    let mut sealed = sealed.into_iter().peekable();
     for (i, arg) in args.iter().enumerate() {
         let is_key = keys.next_if_eq(&i).is_some();
-        if let Some((_, value)) = sealed.next_if(|(at, _)| *at == i) {
-            crate::frame::put_bulk(out, &value);
+        if let Some(values) = values.filter(|_| is_value_arg(spec.values, i, args.len())) {
+            if let Err(e) = seal_bulk(values, arg, out) {
+                out.truncate(start);
+                return Err(e);
+            }
         } else if prefix.is_empty() {
             crate::frame::put_bulk(out, arg);
         } else if is_key {
@@ -237,31 +238,31 @@ fn reply_shape(spec: &CommandSpec, args: &[Bytes]) -> ReplyShape {
     spec.reply
 }
 
-/// Seals the value arguments, in argument order.
-fn seal_values(
-    positions: ValueArgs,
-    args: &[Bytes],
-    values: &Values,
-) -> Result<Vec<(usize, Vec<u8>)>, RewriteError> {
+/// Whether argument `i` of `len` is a value to seal.
+fn is_value_arg(positions: ValueArgs, i: usize, len: usize) -> bool {
     let ValueArgs::Range { first, last, step } = positions else {
-        return Ok(Vec::new());
+        return false;
     };
-    let last = if last < 0 {
-        args.len() as isize + last
-    } else {
-        last
-    };
-    let mut sealed = Vec::new();
-    let mut i = first;
-    while (i as isize) <= last && i < args.len() {
-        let value = values
-            .sealer
-            .seal(&values.project, &args[i])
-            .map_err(|_| RewriteError::Seal)?;
-        sealed.push((i, value));
-        i += step.max(1);
-    }
-    Ok(sealed)
+    let last = if last < 0 { len as isize + last } else { last };
+    i >= first && (i as isize) <= last && (i - first).is_multiple_of(step.max(1))
+}
+
+/// Writes `value`, sealed, as a bulk string: the length first, then the
+/// sealed bytes laid out in place.
+fn seal_bulk(values: &Values, value: &[u8], out: &mut BytesMut) -> Result<(), RewriteError> {
+    values
+        .sealer
+        .seal_into(&values.project, value, |len| {
+            out.put_u8(b'$');
+            crate::frame::put_decimal(out, len as u64);
+            out.put_slice(b"\r\n");
+            let at = out.len();
+            out.resize(at + len, 0);
+            &mut out[at..]
+        })
+        .map_err(|_| RewriteError::Seal)?;
+    out.put_slice(b"\r\n");
+    Ok(())
 }
 
 fn put_array_header(out: &mut BytesMut, len: usize) {
@@ -339,6 +340,67 @@ fn pattern_indexes(patterns: Patterns, args: &[Bytes]) -> Vec<(usize, PatternKin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn args(words: &[&str]) -> Vec<Bytes> {
+        words
+            .iter()
+            .map(|w| Bytes::copy_from_slice(w.as_bytes()))
+            .collect()
+    }
+
+    #[test]
+    fn values_are_sealed_in_place_and_everything_else_is_kept() {
+        let keyring =
+            crate::keyring::Keyring::from_env_key("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=")
+                .unwrap();
+        let values = Values {
+            sealer: Arc::new(Sealer::new(keyring, 1024, false)),
+            project: "billing".into(),
+            strict: false,
+        };
+        let namespace = Arc::new(Namespace::for_project("billing"));
+        let prefixed = |key: &str| [namespace.prefix(), key.as_bytes()].concat();
+
+        for (request, keys_at, sealed_at) in [
+            (
+                args(&["MSET", "k1", "v1", "k2", "v2"]),
+                vec![1, 3],
+                vec![2, 4],
+            ),
+            (
+                args(&["HSET", "h", "f1", "v1", "f2", "v2"]),
+                vec![1],
+                vec![3, 5],
+            ),
+            (args(&["SET", "k", "v", "EX", "10"]), vec![1], vec![2]),
+        ] {
+            let spec = command::lookup(&request).unwrap();
+            let mut out = BytesMut::from(&b"already queued"[..]);
+            rewrite(
+                spec,
+                &request,
+                &namespace,
+                Some(&values),
+                &mut out,
+                &mut Vec::new(),
+            )
+            .unwrap();
+            assert_eq!(&out[..14], b"already queued");
+            let sent = crate::frame::decode_request(&out.split_off(14).freeze()).unwrap();
+            assert_eq!(sent.len(), request.len());
+            for (i, (sent, original)) in sent.iter().zip(&request).enumerate() {
+                if sealed_at.contains(&i) {
+                    let opened = values.sealer.open("billing", sent).unwrap();
+                    assert_eq!(opened.as_bytes(), &original[..], "argument {i}");
+                    assert!(crate::crypto::is_sealed(sent));
+                } else if keys_at.contains(&i) {
+                    assert_eq!(&sent[..], prefixed(std::str::from_utf8(original).unwrap()));
+                } else {
+                    assert_eq!(sent, original, "argument {i}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn argument_orders_that_hide_keys_are_refused() {

@@ -107,19 +107,46 @@ impl Sealer {
 
     /// Seals `plaintext` for `project` under the current key.
     pub fn seal(&self, project: &str, plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
+        let mut sealed = Vec::new();
+        self.seal_into(project, plaintext, |len| {
+            sealed.resize(len, 0);
+            &mut sealed[..]
+        })?;
+        Ok(sealed)
+    }
+
+    /// [`Sealer::seal`] into the caller's buffer: `reserve` gets the exact
+    /// sealed length and returns where to write it (see
+    /// [`crypto::seal_into`]). Returns the sealed length.
+    pub fn seal_into<'b>(
+        &self,
+        project: &str,
+        plaintext: &[u8],
+        reserve: impl FnOnce(usize) -> &'b mut [u8],
+    ) -> Result<usize, SealError> {
         let key_id = self.keyring.current_id();
         let keys = self
             .project_keys(key_id, project)
             .expect("keyring invariant: the current key is in the keyring");
-        let sealed = crypto::seal(&keys, key_id, plaintext, self.compression_threshold)?;
+        let mut sealed_len = 0;
+        crypto::seal_into(
+            &keys,
+            key_id,
+            plaintext,
+            self.compression_threshold,
+            |len| {
+                sealed_len = len;
+                reserve(len)
+            },
+        )?;
         if let Some(counters) = &self.counters {
             counters.sealed(
                 plaintext.len(),
-                sealed.len(),
-                uncompressed_len(key_id, plaintext.len()),
+                sealed_len,
+                crypto::sealed_len(key_id, plaintext.len()),
             );
         }
-        Ok(sealed)
+        Ok(sealed_len)
     }
 
     /// Opens a value read for `project`. A value without the magic is
@@ -182,13 +209,6 @@ impl Sealer {
     }
 }
 
-/// The length of `plaintext_len` bytes sealed without compression (SPEC §6):
-/// magic, version, flags and key id length (6 bytes), the key id, a 16-byte
-/// IV, the PKCS#7-padded plaintext and a 32-byte tag.
-fn uncompressed_len(key_id: &str, plaintext_len: usize) -> usize {
-    6 + key_id.len() + 16 + (plaintext_len / 16 + 1) * 16 + 32
-}
-
 impl fmt::Debug for Sealer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sealer")
@@ -234,13 +254,13 @@ mod tests {
         let sealer = Sealer::new(Keyring::from_env_key(SECRET_B64).unwrap(), 64, false)
             .with_counters(metrics.seal_counters());
         let small = sealer.seal("billing", b"0123456789").unwrap();
-        assert_eq!(small.len(), uncompressed_len("env", 10));
+        assert_eq!(small.len(), crypto::sealed_len("env", 10));
         let large = sealer.seal("billing", &[b'a'; 1000]).unwrap();
         sealer.open("billing", &large).unwrap();
         sealer.open("billing", b"plain").unwrap();
 
         let text = metrics.encode();
-        let saved = uncompressed_len("env", 1000) - large.len();
+        let saved = crypto::sealed_len("env", 1000) - large.len();
         assert!(saved > 900, "{saved}");
         assert!(
             text.contains("redcloak_sealed_bytes_total 1010\n"),
