@@ -624,6 +624,46 @@ mod tests {
     }
 
     #[test]
+    fn an_authentic_value_with_bad_padding_is_malformed() {
+        let keys = test_keys("billing");
+        let iv = [3u8; IV_LEN];
+        let mut last_blocks: Vec<[u8; BLOCK_LEN]> = Vec::new();
+        for pad in [0u8, 17, 255] {
+            let mut block = [b'x'; BLOCK_LEN];
+            block[BLOCK_LEN - 1] = pad;
+            last_blocks.push(block);
+        }
+        // Claims 4 bytes of padding, but one of them differs.
+        let mut uneven = [4u8; BLOCK_LEN];
+        uneven[BLOCK_LEN - 3] = 5;
+        last_blocks.push(uneven);
+
+        for last in last_blocks {
+            for leading in [0, 2] {
+                let mut message = vec![b'y'; leading * BLOCK_LEN];
+                message.extend_from_slice(&last);
+                let len = message.len();
+                Encryptor::inner_iv_init(&keys.cipher, &iv.into())
+                    .encrypt_padded::<NoPadding>(&mut message, len)
+                    .unwrap();
+                let mut value = MAGIC.to_vec();
+                value.extend_from_slice(&[VERSION, 0, 2]);
+                value.extend_from_slice(b"k1");
+                value.extend_from_slice(&iv);
+                value.extend_from_slice(&message);
+                let tag = hmac::sign(&keys.mac, &value);
+                value.extend_from_slice(tag.as_ref());
+
+                let opened = open(&keys, &value, DEFAULT_MAX_PLAINTEXT);
+                assert!(
+                    matches!(opened, Err(OpenError::Malformed("padding is invalid"))),
+                    "{opened:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn fixed_secret_derives_the_documented_project_keys() {
         let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, HKDF_SALT).extract(&VECTOR_SECRET);
         let enc_key = hex(&expand(&prk, b"enc:", "billing"));

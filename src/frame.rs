@@ -585,6 +585,19 @@ pub fn put_bulk(out: &mut BytesMut, data: &[u8]) {
     out.put_slice(b"\r\n");
 }
 
+/// Writes a bulk string of `len` bytes whose payload the caller fills in:
+/// returns the payload's place (zeroed), between length and line end. Lets
+/// a value be produced straight into the output.
+pub fn reserve_bulk(out: &mut BytesMut, len: usize) -> &mut [u8] {
+    out.put_u8(b'$');
+    put_decimal(out, len as u64);
+    out.put_slice(b"\r\n");
+    let at = out.len();
+    out.resize(at + len, 0);
+    out.put_slice(b"\r\n");
+    &mut out[at..at + len]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

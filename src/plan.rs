@@ -247,21 +247,15 @@ fn is_value_arg(positions: ValueArgs, i: usize, len: usize) -> bool {
     i >= first && (i as isize) <= last && (i - first).is_multiple_of(step.max(1))
 }
 
-/// Writes `value`, sealed, as a bulk string: the length first, then the
-/// sealed bytes laid out in place.
+/// Writes `value`, sealed, as a bulk string, the sealed bytes laid out in
+/// place.
 fn seal_bulk(values: &Values, value: &[u8], out: &mut BytesMut) -> Result<(), RewriteError> {
     values
         .sealer
         .seal_into(&values.project, value, |len| {
-            out.put_u8(b'$');
-            crate::frame::put_decimal(out, len as u64);
-            out.put_slice(b"\r\n");
-            let at = out.len();
-            out.resize(at + len, 0);
-            &mut out[at..]
+            crate::frame::reserve_bulk(out, len)
         })
         .map_err(|_| RewriteError::Seal)?;
-    out.put_slice(b"\r\n");
     Ok(())
 }
 
