@@ -750,16 +750,18 @@ mod tests {
         assert_eq!(alerts[0]["window_secs"], 60);
     }
 
+    /// A monitor that alerts past `threshold` commands a minute per project.
+    async fn access_volume_fixture(threshold: u64) -> Fixture {
+        let detection = DetectionSettings {
+            failed_auth_per_minute: 0,
+            access_per_minute: threshold,
+        };
+        fixture(AuditSettings::default(), detection).await
+    }
+
     #[tokio::test]
     async fn a_projects_access_volume_over_the_threshold_raises_one_alert() {
-        let f = fixture(
-            AuditSettings::default(),
-            DetectionSettings {
-                failed_auth_per_minute: 0,
-                access_per_minute: 3,
-            },
-        )
-        .await;
+        let f = access_volume_fixture(3).await;
         let identity = authenticator().configured(b"alice");
         let spec =
             command::lookup(&[Bytes::from_static(b"GET"), Bytes::from_static(b"k")]).unwrap();
@@ -780,14 +782,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_tally_counts_every_reply_once_and_alerts_once_per_window() {
-        let f = fixture(
-            AuditSettings::default(),
-            DetectionSettings {
-                failed_auth_per_minute: 0,
-                access_per_minute: 3,
-            },
-        )
-        .await;
+        let f = access_volume_fixture(3).await;
         let identity = authenticator().configured(b"alice");
         let spec = |name: &'static [u8]| {
             command::lookup(&[Bytes::from_static(name), Bytes::from_static(b"k")]).unwrap()
