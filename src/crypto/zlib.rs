@@ -113,11 +113,12 @@ pub(super) fn with_compressed<R>(
 
 /// Whether level-1 deflate could possibly shrink `probe`. That level codes
 /// every byte it cannot match against earlier input with 8 or 9 bits, and
-/// it matches only runs of 4 bytes or more seen before. Each byte of a
-/// match saves about one byte, and the zlib header, block header and flush
-/// cost about 8, so a probe with fewer repeated 4-byte runs than that
-/// cannot shrink. Counting them with a small table costs far less than a
-/// deflate pass; hash collisions only undercount.
+/// it matches only runs of 4 bytes or more seen before. A match of n bytes
+/// saves about n - 3 bytes, one for each repeated 4-byte run it covers
+/// after its first, and the zlib header, block header and flush cost about
+/// 8, so a probe with fewer repeated 4-byte runs than that cannot shrink.
+/// Counting them with a small table costs far less than a deflate pass;
+/// hash collisions only undercount.
 fn may_shrink(probe: &[u8]) -> bool {
     const SLOTS_BITS: u32 = 10;
     const NOT_SEEN: u16 = u16::MAX;
