@@ -114,8 +114,8 @@ pub(super) fn with_compressed<R>(
 /// Whether level-1 deflate could possibly shrink `probe`. That level codes
 /// every byte it cannot match against earlier input with 8 or 9 bits, and
 /// it matches only runs of 4 bytes or more seen before. A match of n bytes
-/// saves about n - 3 bytes, one for each repeated 4-byte run it covers
-/// after its first, and the zlib header, block header and flush cost about
+/// saves about n - 3 bytes, as many as the repeated 4-byte runs it holds,
+/// and the zlib header, block header and flush cost about
 /// 8, so a probe with fewer repeated 4-byte runs than that cannot shrink.
 /// Counting them with a small table costs far less than a deflate pass;
 /// hash collisions only undercount.
