@@ -23,16 +23,16 @@ const BATCH_IVS: usize = 256;
 /// two would seal with the same IVs: the proxy never forks, and a future
 /// caller that does must not seal in the child before it starts a thread.
 struct Batch {
-    bytes: [u8; BATCH_IVS * IV_LEN],
-    /// Where the next unused IV starts; the batch is empty at the end.
+    ivs: [[u8; IV_LEN]; BATCH_IVS],
+    /// The next unused IV; the batch is empty at the end.
     next: usize,
 }
 
 thread_local! {
     static BATCH: RefCell<Batch> = const {
         RefCell::new(Batch {
-            bytes: [0; BATCH_IVS * IV_LEN],
-            next: BATCH_IVS * IV_LEN,
+            ivs: [[0; IV_LEN]; BATCH_IVS],
+            next: BATCH_IVS,
         })
     };
 }
@@ -44,19 +44,17 @@ pub(super) fn fresh() -> Result<[u8; IV_LEN], SealError> {
 
         // On failure the batch stays empty, so a half-written refill is
         // never handed out and the next seal tries the OS again.
-        if batch.next == batch.bytes.len() {
+        if batch.next == BATCH_IVS {
             SystemRandom::new()
-                .fill(&mut batch.bytes)
+                .fill(batch.ivs.as_flattened_mut())
                 .map_err(|_| SealError::Randomness)?;
             batch.next = 0;
         }
 
         let at = batch.next;
-        let slot = &mut batch.bytes[at..at + IV_LEN];
-        let iv: [u8; IV_LEN] = (*slot).try_into().expect("the slot is IV_LEN bytes");
-        slot.fill(0);
-        batch.next = at + IV_LEN;
-        Ok(iv)
+        batch.next = at + 1;
+        // Taking leaves zeros behind: the IV is wiped as it is handed out.
+        Ok(std::mem::take(&mut batch.ivs[at]))
     })
 }
 
@@ -78,7 +76,7 @@ mod tests {
         let iv = fresh().unwrap();
         BATCH.with(|cell| {
             let batch = cell.borrow();
-            let handed_out = &batch.bytes[batch.next - IV_LEN..batch.next];
+            let handed_out = batch.ivs[batch.next - 1];
             assert_ne!(iv, [0; IV_LEN]);
             assert_eq!(handed_out, [0; IV_LEN]);
         });
