@@ -190,10 +190,13 @@ pub fn seal(
     compression_threshold: usize,
 ) -> Result<Vec<u8>, SealError> {
     let mut sealed = Vec::new();
-    seal_into(keys, key_id, plaintext, compression_threshold, |len| {
-        sealed.resize(len, 0);
-        &mut sealed[..]
-    })?;
+    seal_into(
+        keys,
+        key_id,
+        plaintext,
+        compression_threshold,
+        reserve_in(&mut sealed),
+    )?;
     Ok(sealed)
 }
 
@@ -208,9 +211,7 @@ pub fn seal_into<'b>(
     compression_threshold: usize,
     reserve: impl FnOnce(usize) -> &'b mut [u8],
 ) -> Result<(), SealError> {
-    if !is_valid_key_id(key_id) {
-        return Err(SealError::InvalidKeyId(key_id.to_owned()));
-    }
+    check_key_id(key_id)?;
     let iv = iv::fresh()?;
     seal_valid(keys, key_id, plaintext, compression_threshold, &iv, reserve);
     Ok(())
@@ -226,15 +227,28 @@ pub fn seal_with_iv(
     compression_threshold: usize,
     iv: [u8; IV_LEN],
 ) -> Result<Vec<u8>, SealError> {
-    if !is_valid_key_id(key_id) {
-        return Err(SealError::InvalidKeyId(key_id.to_owned()));
-    }
+    check_key_id(key_id)?;
     let mut sealed = Vec::new();
-    seal_valid(keys, key_id, plaintext, compression_threshold, &iv, |len| {
-        sealed.resize(len, 0);
-        &mut sealed[..]
-    });
+    let reserve = reserve_in(&mut sealed);
+    seal_valid(keys, key_id, plaintext, compression_threshold, &iv, reserve);
     Ok(sealed)
+}
+
+/// The `reserve` argument of [`seal_into`] for sealing into a `Vec`: makes
+/// `buf` exactly the sealed length.
+pub fn reserve_in<'b>(buf: &'b mut Vec<u8>) -> impl FnOnce(usize) -> &'b mut [u8] {
+    move |len| {
+        buf.resize(len, 0);
+        &mut buf[..]
+    }
+}
+
+fn check_key_id(key_id: &str) -> Result<(), SealError> {
+    if is_valid_key_id(key_id) {
+        Ok(())
+    } else {
+        Err(SealError::InvalidKeyId(key_id.to_owned()))
+    }
 }
 
 /// Seals under a key id already checked, into the slice `reserve` gives.
@@ -441,9 +455,10 @@ fn authenticate<'a>(
     hmac::verify(&keys.mac, &value[..tag_start], &value[tag_start..])
         .map_err(|_| OpenError::Integrity)?;
 
-    let ciphertext_start = header.iv_start + IV_LEN;
-    let ciphertext = &value[ciphertext_start..tag_start];
-    if !header.compressed && ciphertext.len() - BLOCK_LEN > max_plaintext {
+    let (&iv, rest) = value[header.iv_start..tag_start]
+        .split_first_chunk::<IV_LEN>()
+        .ok_or(OpenError::Malformed("value is too short"))?;
+    if !header.compressed && rest.len() - BLOCK_LEN > max_plaintext {
         return Err(OpenError::TooLarge {
             limit: max_plaintext,
         });
@@ -451,10 +466,8 @@ fn authenticate<'a>(
 
     Ok(Authentic {
         compressed: header.compressed,
-        iv: value[header.iv_start..ciphertext_start]
-            .try_into()
-            .expect("the IV slice is exactly IV_LEN bytes"),
-        ciphertext,
+        iv,
+        ciphertext: rest,
     })
 }
 

@@ -108,10 +108,7 @@ impl Sealer {
     /// Seals `plaintext` for `project` under the current key.
     pub fn seal(&self, project: &str, plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
         let mut sealed = Vec::new();
-        self.seal_into(project, plaintext, |len| {
-            sealed.resize(len, 0);
-            &mut sealed[..]
-        })?;
+        self.seal_into(project, plaintext, crypto::reserve_in(&mut sealed))?;
         Ok(sealed)
     }
 
