@@ -100,12 +100,8 @@ pub(super) fn with_compressed<R>(
         deflate.stream.reset();
         deflate.grow_to(budget);
         let out = &mut deflate.out[..budget];
-        let finished = compress_within(&mut deflate.stream, plaintext, out);
-
-        let len = usize::try_from(deflate.stream.total_out())
-            .expect("the stream wrote into a slice, so its total fits in usize");
-        let compressed = finished.then(|| &deflate.out[..len]);
-        let result = f(compressed);
+        let len = compress_within(&mut deflate.stream, plaintext, out);
+        let result = f(len.map(|len| &deflate.out[..len]));
         deflate.release_if_large();
         result
     })
@@ -142,30 +138,24 @@ fn may_shrink(probe: &[u8]) -> bool {
     false
 }
 
-/// Runs a freshly reset `stream` over `plaintext` into `out`; true if the
-/// whole stream fit and the probe (see [`PROBE_LEN`]) found it worth it.
-fn compress_within(stream: &mut Compress, plaintext: &[u8], out: &mut [u8]) -> bool {
+/// Runs a freshly reset `stream` over `plaintext` into `out`; the length
+/// of the stream if it fit and the probe (see [`PROBE_LEN`]) found it worth
+/// it.
+fn compress_within(stream: &mut Compress, plaintext: &[u8], out: &mut [u8]) -> Option<usize> {
     let mut rest = plaintext;
     if plaintext.len() >= 2 * PROBE_LEN {
         let (head, tail) = plaintext.split_at(PROBE_LEN);
-        let probed = stream.compress(head, out, FlushCompress::Sync);
-        let shrank = u64::try_from(PROBE_LEN)
-            .is_ok_and(|probe| stream.total_in() == probe && stream.total_out() < probe);
-        if probed.is_err() || !shrank {
-            return false;
+        stream.compress(head, out, FlushCompress::Sync).ok()?;
+        let shrank =
+            counted(stream.total_in()) == PROBE_LEN && counted(stream.total_out()) < PROBE_LEN;
+        if !shrank {
+            return None;
         }
         rest = tail;
     }
-    let Ok(written) = usize::try_from(stream.total_out()) else {
-        return false;
-    };
-    let Some(room) = out.get_mut(written..) else {
-        return false;
-    };
-    matches!(
-        stream.compress(rest, room, FlushCompress::Finish),
-        Ok(Status::StreamEnd)
-    )
+    let room = out.get_mut(counted(stream.total_out())..)?;
+    let status = stream.compress(rest, room, FlushCompress::Finish).ok()?;
+    (status == Status::StreamEnd).then(|| counted(stream.total_out()))
 }
 
 /// Inflates the zlib stream `compressed` and hands the bytes to `f`. Stops
@@ -224,11 +214,13 @@ pub(super) fn with_inflated<R>(
 
 /// Bytes read and written by the stream since its reset.
 fn totals(stream: &Decompress) -> (usize, usize) {
-    let total = |count: u64| {
-        usize::try_from(count)
-            .expect("the stream read and wrote slices, so its totals fit in usize")
-    };
-    (total(stream.total_in()), total(stream.total_out()))
+    (counted(stream.total_in()), counted(stream.total_out()))
+}
+
+/// A stream's count of bytes read or written since its reset. The bytes
+/// went through slices, so the count fits in `usize`.
+fn counted(count: u64) -> usize {
+    usize::try_from(count).expect("a stream counts only bytes of slices it was given")
 }
 
 #[cfg(test)]
