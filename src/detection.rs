@@ -452,8 +452,8 @@ impl Monitor {
     }
 }
 
-/// Distinct (command, outcome) pairs a tally holds before it passes the
-/// oldest on: a pipeline's batch rarely mixes more.
+/// Distinct (command, outcome) pairs a tally holds; others are counted at
+/// once. A pipeline's batch rarely mixes more.
 const TALLIED_COMMANDS: usize = 4;
 
 /// Replies counted together. A session takes replies in batches (all that
@@ -505,20 +505,10 @@ impl ReplyTally<'_> {
             *count += 1;
             return;
         }
-        let slot = match self.commands.iter().position(Option::is_none) {
-            Some(free) => free,
-            None => {
-                self.pass_on_command(0);
-                self.commands.rotate_left(1);
-                TALLIED_COMMANDS - 1
-            }
-        };
-        self.commands[slot] = Some((command, outcome, 1));
-    }
-
-    fn pass_on_command(&mut self, slot: usize) {
-        if let Some((command, outcome, count)) = self.commands[slot].take() {
-            self.monitor.metrics.commands_by(command, outcome, count);
+        match self.commands.iter_mut().find(|entry| entry.is_none()) {
+            Some(free) => *free = Some((command, outcome, 1)),
+            // Full: this one is counted at once.
+            None => self.monitor.metrics.command(command, outcome),
         }
     }
 
@@ -543,8 +533,8 @@ impl ReplyTally<'_> {
 
 impl Drop for ReplyTally<'_> {
     fn drop(&mut self) {
-        for slot in 0..TALLIED_COMMANDS {
-            self.pass_on_command(slot);
+        for (command, outcome, count) in self.commands.iter_mut().filter_map(Option::take) {
+            self.monitor.metrics.commands_by(command, outcome, count);
         }
         self.pass_on_access();
     }
