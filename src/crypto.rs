@@ -332,22 +332,15 @@ const STITCH_BLOCKS: usize = 4;
 fn encrypt_and_mac(mut encryptor: Encryptor<'_>, mac: &mut hmac::Context, body: &mut [u8]) {
     let (blocks, ragged) = Array::slice_as_chunks_mut(body);
     debug_assert!(ragged.is_empty(), "the body is padded to whole blocks");
-    let chunk_len = STITCH_BLOCKS * BLOCK_LEN;
-    let mut hashed = 0;
+    // Blocks before this are encrypted but not yet hashed.
+    let mut unhashed = 0;
     for start in (0..blocks.len()).step_by(STITCH_BLOCKS) {
         let end = (start + STITCH_BLOCKS).min(blocks.len());
         encryptor.encrypt_blocks(&mut blocks[start..end]);
-        if start > 0 {
-            let previous = &blocks[start - STITCH_BLOCKS..start];
-            mac.update(Array::slice_as_flattened(previous));
-            hashed += chunk_len;
-        }
+        mac.update(Array::slice_as_flattened(&blocks[unhashed..start]));
+        unhashed = start;
     }
-    mac.update(
-        Array::slice_as_flattened(blocks)
-            .get(hashed..)
-            .unwrap_or_default(),
-    );
+    mac.update(Array::slice_as_flattened(&blocks[unhashed..]));
 }
 
 /// PKCS#7 always adds 1 to 16 bytes.
