@@ -4,10 +4,8 @@
 use std::hint::black_box;
 use std::process::ExitCode;
 
+use redcloak::config::EncryptionSettings;
 use redcloak::keyring::{Keyring, Sealer};
-
-/// The proxy's default `compression_threshold`.
-const THRESHOLD: usize = 1024;
 
 const SECRET_B64: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
@@ -32,7 +30,9 @@ fn main() -> ExitCode {
     };
 
     let keyring = Keyring::from_env_key(SECRET_B64).expect("the built-in key is valid");
-    let sealer = Sealer::new(keyring, THRESHOLD, false);
+    // The proxy's default compression threshold.
+    let threshold = EncryptionSettings::default().compression_threshold;
+    let sealer = Sealer::new(keyring, threshold, false);
     let sealed = sealer.seal("bench", &plaintext).expect("sealing works");
 
     match op.as_str() {
