@@ -497,11 +497,7 @@ impl ReplyWriter {
     }
 
     pub fn bulk(&self, out: &mut BytesMut, data: &[u8]) {
-        out.put_u8(b'$');
-        put_decimal(out, data.len() as u64);
-        out.put_slice(b"\r\n");
-        out.put_slice(data);
-        out.put_slice(b"\r\n");
+        put_bulk(out, data);
     }
 
     pub fn null(&self, out: &mut BytesMut) {
@@ -509,17 +505,13 @@ impl ReplyWriter {
     }
 
     pub fn array(&self, out: &mut BytesMut, len: usize) {
-        out.put_u8(b'*');
-        put_decimal(out, len as u64);
-        out.put_slice(b"\r\n");
+        put_length_line(out, b'*', len);
     }
 
     /// A map of `pairs` entries: `%` in RESP3, a flat array in RESP2.
     pub fn map(&self, out: &mut BytesMut, pairs: usize) {
         if self.resp3 {
-            out.put_u8(b'%');
-            put_decimal(out, pairs as u64);
-            out.put_slice(b"\r\n");
+            put_length_line(out, b'%', pairs);
         } else {
             self.array(out, pairs * 2);
         }
@@ -551,15 +543,12 @@ fn put_line_text(out: &mut BytesMut, text: &[u8]) {
 
 /// Appends a multibulk request with the given arguments.
 pub fn put_request<'a>(out: &mut BytesMut, args: impl ExactSizeIterator<Item = &'a [u8]>) {
-    out.put_u8(b'*');
-    put_decimal(out, args.len() as u64);
-    out.put_slice(b"\r\n");
+    put_length_line(out, b'*', args.len());
     for arg in args {
         put_bulk(out, arg);
     }
 }
 
-/// Appends one bulk string.
 /// Writes `n` in decimal, as RESP lengths and integers are written, without
 /// the allocation `to_string` would make on every frame.
 pub fn put_decimal(out: &mut BytesMut, n: u64) {
@@ -577,10 +566,17 @@ pub fn put_decimal(out: &mut BytesMut, n: u64) {
     out.put_slice(&digits[start..]);
 }
 
-pub fn put_bulk(out: &mut BytesMut, data: &[u8]) {
-    out.put_u8(b'$');
-    put_decimal(out, data.len() as u64);
+/// Writes a type marker and a length on a line of their own: the head of a
+/// bulk string (`$`), an array (`*`) or a map (`%`).
+pub fn put_length_line(out: &mut BytesMut, marker: u8, len: usize) {
+    out.put_u8(marker);
+    put_decimal(out, len as u64);
     out.put_slice(b"\r\n");
+}
+
+/// Appends one bulk string.
+pub fn put_bulk(out: &mut BytesMut, data: &[u8]) {
+    put_length_line(out, b'$', data.len());
     out.put_slice(data);
     out.put_slice(b"\r\n");
 }
@@ -589,9 +585,7 @@ pub fn put_bulk(out: &mut BytesMut, data: &[u8]) {
 /// returns the payload's place (zeroed), between length and line end. Lets
 /// a value be produced straight into the output.
 pub fn reserve_bulk(out: &mut BytesMut, len: usize) -> &mut [u8] {
-    out.put_u8(b'$');
-    put_decimal(out, len as u64);
-    out.put_slice(b"\r\n");
+    put_length_line(out, b'$', len);
     let at = out.len();
     out.resize(at + len, 0);
     out.put_slice(b"\r\n");

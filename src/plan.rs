@@ -182,7 +182,7 @@ pub fn rewrite(
     let guarded = values.is_some() && NEEDS_PLAINTEXT.contains(&spec.name);
     if guarded {
         // EVAL <guard> <numkeys> <keys…> <the command itself…>
-        put_array_header(out, 3 + key_scratch.len() + args.len());
+        crate::frame::put_length_line(out, b'*', 3 + key_scratch.len() + args.len());
         crate::frame::put_bulk(out, b"EVAL");
         crate::frame::put_bulk(out, PLAINTEXT_GUARD.as_bytes());
         crate::frame::put_bulk(out, key_scratch.len().to_string().as_bytes());
@@ -190,7 +190,7 @@ pub fn rewrite(
             put_prefixed(out, namespace.prefix(), &args[i]);
         }
     } else {
-        put_array_header(out, args.len());
+        crate::frame::put_length_line(out, b'*', args.len());
     }
 
     let prefix = namespace.prefix();
@@ -259,16 +259,8 @@ fn seal_bulk(values: &Values, value: &[u8], out: &mut BytesMut) -> Result<(), Re
     Ok(())
 }
 
-fn put_array_header(out: &mut BytesMut, len: usize) {
-    out.put_u8(b'*');
-    crate::frame::put_decimal(out, len as u64);
-    out.put_slice(b"\r\n");
-}
-
 fn put_prefixed(out: &mut BytesMut, prefix: &[u8], arg: &[u8]) {
-    out.put_u8(b'$');
-    crate::frame::put_decimal(out, (prefix.len() + arg.len()) as u64);
-    out.put_slice(b"\r\n");
+    crate::frame::put_length_line(out, b'$', prefix.len() + arg.len());
     out.put_slice(prefix);
     out.put_slice(arg);
     out.put_slice(b"\r\n");
