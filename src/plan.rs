@@ -255,8 +255,7 @@ fn seal_bulk(values: &Values, value: &[u8], out: &mut BytesMut) -> Result<(), Re
         .seal_into(&values.project, value, |len| {
             crate::frame::reserve_bulk(out, len)
         })
-        .map_err(|_| RewriteError::Seal)?;
-    Ok(())
+        .map_err(|_| RewriteError::Seal)
 }
 
 fn put_prefixed(out: &mut BytesMut, prefix: &[u8], arg: &[u8]) {

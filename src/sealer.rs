@@ -114,13 +114,13 @@ impl Sealer {
 
     /// [`Sealer::seal`] into the caller's buffer: `reserve` gets the exact
     /// sealed length and returns where to write it (see
-    /// [`crypto::seal_into`]). Returns the sealed length.
+    /// [`crypto::seal_into`]).
     pub fn seal_into<'b>(
         &self,
         project: &str,
         plaintext: &[u8],
         reserve: impl FnOnce(usize) -> &'b mut [u8],
-    ) -> Result<usize, SealError> {
+    ) -> Result<(), SealError> {
         let key_id = self.keyring.current_id();
         let keys = self
             .project_keys(key_id, project)
@@ -143,7 +143,7 @@ impl Sealer {
                 crypto::sealed_len(key_id, plaintext.len()),
             );
         }
-        Ok(sealed_len)
+        Ok(())
     }
 
     /// Opens a value read for `project`. A value without the magic is
