@@ -13,6 +13,9 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use redcloak::frame::{Limits, Scanner};
 
+/// A local Redis Cluster for cluster-mode tests.
+pub mod cluster;
+
 /// PBKDF2 iterations for test users: the hash string carries the count, so
 /// tests stay fast without changing the proxy.
 pub const TEST_ITERATIONS: u32 = 1000;
