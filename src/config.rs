@@ -875,6 +875,14 @@ impl Settings {
                     check_address(node, true, false)
                         .map_err(|r| invalid(format!("upstream.nodes[{i}]"), r))?;
                 }
+                // The shared links are what route each request to its node.
+                if upstream.shared_links == 0 {
+                    return Err(invalid(
+                        "upstream.shared_links",
+                        "must be at least 1 in cluster mode: the shared links route \
+                         requests to the cluster's nodes",
+                    ));
+                }
             }
         }
 
@@ -2077,6 +2085,9 @@ mod tests {
 
         s.upstream.nodes.pop();
         s.validate().expect("one good node is enough");
+
+        s.upstream.shared_links = 0;
+        assert!(validate_err(&s).contains("upstream.shared_links: must be at least 1 in cluster"));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use tracing::{info, warn};
 
 use redcloak::audit::Audit;
 use redcloak::auth::{self, Authenticator};
-use redcloak::config::{self, Settings};
+use redcloak::config::{self, Settings, UpstreamMode};
 use redcloak::detection::Monitor;
 use redcloak::keyring::{self, KeyringFile, Sealer};
 use redcloak::keys_cli::{self, KeysCommand};
@@ -30,7 +30,7 @@ use redcloak::metrics::{self, Metrics};
 use redcloak::reencrypt;
 use redcloak::session::{self, Encryption, SessionLimits, Shared};
 use redcloak::tls::{ServerTls, UpstreamTls};
-use redcloak::upstream::Connector;
+use redcloak::upstream::{Cluster, Connector};
 use redcloak::workers::{LinkSettings, Workers};
 use redcloak::{listener, shutdown};
 
@@ -242,9 +242,27 @@ async fn run(path: PathBuf, settings: Settings) -> anyhow::Result<()> {
     let monitor = Monitor::new(audit, metrics, lockout, &settings.detection);
     monitor.config_warnings(&warnings);
     let leakage = Leakage::new(&settings);
-    let shared = Arc::new(Shared::new(
-        auth, connector, limits, encryption, monitor, leakage,
-    ));
+    let mut shared = Shared::new(auth, connector, limits, encryption, monitor, leakage);
+    let cluster = match settings.upstream.mode {
+        UpstreamMode::Single => None,
+        UpstreamMode::Cluster => {
+            let cluster = Cluster::new(shared.upstream.clone(), settings.upstream.nodes.clone());
+            // Serving starts either way: requests wait for the map (and
+            // get CLUSTERDOWN if it never comes), as they would in Redis.
+            if cluster.refresh().await {
+                info!(
+                    masters = cluster.map().masters().len(),
+                    "cluster slot map learned"
+                );
+            } else {
+                warn!("no seed node answered CLUSTER SLOTS; retrying in the background");
+            }
+            tokio::spawn(Arc::clone(&cluster).keep_fresh());
+            shared = shared.with_cluster(Arc::clone(&cluster));
+            Some(cluster)
+        }
+    };
+    let shared = Arc::new(shared);
     shared.set_script_projects(script_projects(&settings));
 
     let signals = Signals::install()?;
@@ -281,6 +299,7 @@ async fn run(path: PathBuf, settings: Settings) -> anyhow::Result<()> {
         settings.server.workers,
         &LinkSettings {
             connector: &shared.upstream,
+            cluster: cluster.as_ref(),
             count: settings.upstream.shared_links,
             reply_limits: session::reply_limits(&shared.limits),
             reply_timeout: shared.limits.upstream_timeout,

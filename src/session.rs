@@ -31,15 +31,17 @@ use crate::plan::{self, Plan, Values};
 use crate::reply::{self, ReplyError};
 use crate::shutdown::Shutdown;
 use crate::upstream::{
-    BoxStream, Connector, Delivery, ReplySink, SharedLink, Submission, UpstreamError,
+    BoxStream, Cluster, Connector, Delivery, ReplySink, SharedLink, Submission, UpstreamError,
 };
 
+mod cluster;
 mod deadline;
 mod emulation;
 mod local;
 mod pubsub;
 mod transaction;
 
+use cluster::NodeNeed;
 use deadline::Deadline;
 use emulation::{ProjectSessions, UpstreamFacts};
 pub use pubsub::PatternRegistry;
@@ -73,7 +75,11 @@ const SHARED_REPLY_BUDGET: usize = 4 * 1024 * 1024;
 /// What every session shares.
 pub struct Shared {
     pub auth: Authenticator,
+    /// The upstream in single mode; in cluster mode, the credentials and
+    /// TLS that every node's link is made with.
     pub upstream: Connector,
+    /// The cluster behind the proxy, in cluster mode.
+    pub cluster: Option<Arc<Cluster>>,
     pub limits: SessionLimits,
     /// Metrics, audit log, lockout and alerts: every session reports here.
     pub monitor: Monitor,
@@ -140,6 +146,7 @@ impl Shared {
         Shared {
             auth,
             upstream,
+            cluster: None,
             limits,
             monitor,
             leakage,
@@ -158,6 +165,29 @@ impl Shared {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
+    }
+
+    /// Puts a Redis Cluster behind the proxy (`upstream.mode = "cluster"`).
+    pub fn with_cluster(mut self, cluster: Arc<Cluster>) -> Shared {
+        self.cluster = Some(cluster);
+        self
+    }
+
+    /// Links to every server that holds keys: the upstream, or each master
+    /// of the cluster.
+    fn key_holders(&self) -> Vec<Connector> {
+        match &self.cluster {
+            Some(cluster) => cluster.master_connectors(),
+            None => vec![self.upstream.clone()],
+        }
+    }
+
+    /// A link to any one server, for questions about the server itself.
+    fn any_server(&self) -> Connector {
+        self.key_holders()
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| self.upstream.clone())
     }
 
     /// Sets which projects may run scripts (`EVAL`, `FCALL` and their
@@ -304,6 +334,11 @@ struct Session {
     up_out: BytesMut,
     link: Option<Link>,
     link_writer: Option<WriteHalf<BoxStream>>,
+    /// In cluster mode, the node the own link leads to.
+    link_node: Option<Arc<str>>,
+    /// In cluster mode, a `MULTI` the client was answered for that waits
+    /// for a queued command to choose the node (see `cluster`).
+    multi_unsent: bool,
     /// Opened on the first stateless request; `None` with sharing off.
     shared_route: Option<SharedRoute>,
     /// Requests for the shared link from the batch being handled, and how
@@ -391,6 +426,8 @@ impl Session {
             up_out: BytesMut::new(),
             link: None,
             link_writer: None,
+            link_node: None,
+            multi_unsent: false,
             shared_route: None,
             shared_out: BytesMut::new(),
             shared_batch: 0,
@@ -709,7 +746,7 @@ impl Session {
     async fn forward(&mut self, spec: &'static command::CommandSpec, args: &[Bytes]) {
         let blocking = self.transaction.is_none() && deadline::blocks(spec, args);
         let shared = self.use_shared_link(spec.stateful || blocking);
-        if !shared && !self.ensure_link().await {
+        if !shared && !self.ensure_link(self.node_need(spec, args)).await {
             return;
         }
         let (leakage, monitor) = (&self.shared.leakage, &self.shared.monitor);
@@ -933,32 +970,43 @@ impl Session {
         }
     }
 
-    /// Connects the upstream link if the session has none yet. On failure
-    /// the request gets an error reply, and the session closes (SPEC: a
-    /// client whose upstream is unreachable is closed; a new connection
-    /// tries again).
-    async fn ensure_link(&mut self) -> bool {
-        if self.link.is_none() {
-            let stream = match self.shared.upstream.connect().await {
-                Ok(stream) => stream,
-                Err(e) => {
-                    debug!(error = %e, "upstream unavailable");
-                    let text = format!("ERR upstream unavailable: {e}");
-                    self.reply_local(|w, out| w.error(out, &text));
-                    self.closing = true;
-                    return false;
-                }
-            };
-            let (reader, writer) = tokio::io::split(stream);
-            self.link_writer = Some(writer);
-            self.link = Some(Link {
-                reader,
-                input: BytesMut::with_capacity(16 * 1024),
-                scanner: Scanner::for_replies(),
-                resp3: false,
-            });
-            debug!("upstream link opened");
+    /// Makes sure the session's own link is open and leads where `need`
+    /// says (in cluster mode, see `cluster`). On failure the request has
+    /// its error reply already.
+    async fn ensure_link(&mut self, need: NodeNeed) -> bool {
+        match self.shared.cluster.clone() {
+            Some(cluster) => self.ensure_cluster_link(&cluster, need).await,
+            None if self.link.is_some() => true,
+            None => {
+                let connector = self.shared.upstream.clone();
+                self.open_link(&connector).await
+            }
         }
+    }
+
+    /// Connects the own link through `connector`. On failure the request
+    /// gets an error reply, and the session closes (SPEC: a client whose
+    /// upstream is unreachable is closed; a new connection tries again).
+    async fn open_link(&mut self, connector: &Connector) -> bool {
+        let stream = match connector.connect().await {
+            Ok(stream) => stream,
+            Err(e) => {
+                debug!(error = %e, "upstream unavailable");
+                let text = format!("ERR upstream unavailable: {e}");
+                self.reply_local(|w, out| w.error(out, &text));
+                self.closing = true;
+                return false;
+            }
+        };
+        let (reader, writer) = tokio::io::split(stream);
+        self.link_writer = Some(writer);
+        self.link = Some(Link {
+            reader,
+            input: BytesMut::with_capacity(16 * 1024),
+            scanner: Scanner::for_replies(),
+            resp3: false,
+        });
+        debug!("upstream link opened");
         true
     }
 
@@ -1120,7 +1168,10 @@ impl Session {
                     {
                         link.resp3 = resp3;
                     }
-                    if deliver {
+                    if deliver && self.shared.cluster.is_some() {
+                        self.client_out
+                            .extend_from_slice(&cluster::standalone_hello(&raw));
+                    } else if deliver {
                         self.client_out.extend_from_slice(&raw);
                     }
                 }

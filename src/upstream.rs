@@ -17,8 +17,11 @@ use crate::config::UpstreamSettings;
 use crate::frame::{self, Limits, ProtocolError, Scanner};
 use crate::tls::UpstreamTls;
 
+mod cluster;
+mod router;
 mod shared;
 
+pub use cluster::{Cluster, SlotMap, slot};
 pub use shared::{Delivery, ReplySink, SharedLink, SharedLinks, Submission};
 
 /// A byte stream in either direction: plain TCP or TLS.
@@ -83,6 +86,14 @@ impl Connector {
             password: settings.password.clone(),
             connect_timeout: Duration::from_millis(settings.connect_timeout_ms),
             tls: None,
+        }
+    }
+
+    /// The same credentials and TLS towards another node (cluster mode).
+    pub fn to(&self, address: &str) -> Connector {
+        Connector {
+            address: address.to_owned(),
+            ..self.clone()
         }
     }
 

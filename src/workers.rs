@@ -12,6 +12,7 @@
 
 use std::future::Future;
 use std::io;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::Duration;
@@ -20,7 +21,7 @@ use tokio::runtime::{self, Handle};
 use tokio::sync::oneshot;
 
 use crate::frame::Limits;
-use crate::upstream::{Connector, SharedLink, SharedLinks};
+use crate::upstream::{Cluster, Connector, SharedLink, SharedLinks};
 
 /// How long a stopping worker waits for its blocking tasks (password
 /// hashing) before leaving them.
@@ -29,6 +30,8 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(1);
 /// What every worker's shared links are made from.
 pub struct LinkSettings<'a> {
     pub connector: &'a Connector,
+    /// In cluster mode, the cluster the shared links route to.
+    pub cluster: Option<&'a Arc<Cluster>>,
     /// Shared links per worker; 0 gives each session its own connection.
     pub count: usize,
     pub reply_limits: Limits,
@@ -107,12 +110,20 @@ impl Worker {
         // running once its thread does.
         let links = {
             let _entered = handle.enter();
-            SharedLinks::start(
-                settings.connector,
-                settings.count,
-                settings.reply_limits,
-                settings.reply_timeout,
-            )
+            match settings.cluster {
+                Some(cluster) => SharedLinks::start_cluster(
+                    cluster,
+                    settings.count,
+                    settings.reply_limits,
+                    settings.reply_timeout,
+                ),
+                None => SharedLinks::start(
+                    settings.connector,
+                    settings.count,
+                    settings.reply_limits,
+                    settings.reply_timeout,
+                ),
+            }
         };
         let (stop, stopped) = oneshot::channel::<()>();
         thread::Builder::new()
@@ -140,6 +151,7 @@ mod tests {
     fn settings(connector: &Connector) -> LinkSettings<'_> {
         LinkSettings {
             connector,
+            cluster: None,
             count: 1,
             reply_limits: Limits::reply(1024 * 1024),
             reply_timeout: None,

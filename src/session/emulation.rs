@@ -16,7 +16,38 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::{Pending, Session, Shared};
 use crate::direct::{DirectClient, DirectError, Reply};
 use crate::frame::{self, ProtocolError};
-use crate::upstream::UpstreamError;
+use crate::upstream::{UpstreamError, slot};
+
+/// Deletes keys found by `SCAN`, `BATCH` per request. A cluster node
+/// refuses a multi-key request whose keys span slots, so each request
+/// holds keys of one slot (one server has them all in any case).
+async fn delete(
+    client: &mut DirectClient,
+    mut keys: Vec<Bytes>,
+    lazy: bool,
+) -> Result<(), DirectError> {
+    let command: &[u8] = if lazy { b"UNLINK" } else { b"DEL" };
+    keys.sort_by_key(|key| slot(key));
+    let mut requests: Vec<Vec<&[u8]>> = Vec::new();
+    let mut current_slot = None;
+    for key in &keys {
+        let key_slot = slot(key);
+        match requests.last_mut() {
+            Some(request) if current_slot == Some(key_slot) && request.len() <= BATCH => {
+                request.push(key)
+            }
+            _ => requests.push(vec![command, key]),
+        }
+        current_slot = Some(key_slot);
+    }
+    let requests: Vec<&[&[u8]]> = requests.iter().map(Vec::as_slice).collect();
+    for reply in client.call_many(&requests).await? {
+        if let Some(text) = reply.error_text() {
+            tracing::debug!(error = %text, "deleting a project key failed");
+        }
+    }
+    Ok(())
+}
 
 /// Keys asked for per `SCAN` call, and deleted per `DEL`/`UNLINK`.
 const BATCH: usize = 1000;
@@ -58,35 +89,32 @@ impl Session {
         }
     }
 
+    /// Walks the project's keys on every server that holds keys (each
+    /// master in cluster mode).
     async fn run_emulation(&mut self, emulation: Emulation) -> Result<(), DirectError> {
-        let mut client = DirectClient::connect(&self.shared.upstream)
-            .await
-            .map_err(DirectError::Upstream)?;
         let pattern = self.namespace.pattern(b"*");
-        let mut cursor = Bytes::from_static(b"0");
-        loop {
-            let (next, keys) = scan(&mut client, &cursor, &pattern).await?;
-            match emulation {
-                Emulation::Flush { lazy } => {
-                    for batch in keys.chunks(BATCH) {
-                        let command: &[u8] = if lazy { b"UNLINK" } else { b"DEL" };
-                        let mut request: Vec<&[u8]> = vec![command];
-                        request.extend(batch.iter().map(|k| k.as_ref()));
-                        client.call(&request).await?;
+        for holder in self.shared.key_holders() {
+            let mut client = DirectClient::connect(&holder)
+                .await
+                .map_err(DirectError::Upstream)?;
+            let mut cursor = Bytes::from_static(b"0");
+            loop {
+                let (next, keys) = scan(&mut client, &cursor, &pattern).await?;
+                match emulation {
+                    Emulation::Flush { lazy } => delete(&mut client, keys, lazy).await?,
+                    Emulation::RandomKey => {
+                        if let Some(key) = pick(&keys) {
+                            let key = self.namespace.strip(key).unwrap_or_default();
+                            self.reply_local(|w, out| w.bulk(out, &key));
+                            return Ok(());
+                        }
                     }
                 }
-                Emulation::RandomKey => {
-                    if let Some(key) = pick(&keys) {
-                        let key = self.namespace.strip(key).unwrap_or_default();
-                        self.reply_local(|w, out| w.bulk(out, &key));
-                        return Ok(());
-                    }
+                if next.as_ref() == b"0" {
+                    break;
                 }
+                cursor = next;
             }
-            if next.as_ref() == b"0" {
-                break;
-            }
-            cursor = next;
         }
         match emulation {
             Emulation::Flush { .. } => self.reply_local(|w, out| w.simple(out, "OK")),
@@ -98,7 +126,7 @@ impl Session {
     /// Sends everything queued upstream and waits until every request sent
     /// so far has its reply. False if the upstream failed meanwhile (the
     /// session then closes, as on any upstream loss).
-    async fn drain(&mut self) -> bool {
+    pub(super) async fn drain(&mut self) -> bool {
         self.submit_shared();
         let waiting = |p: &Pending| !matches!(p, Pending::Ready(_));
         while self.pending.iter().any(waiting) {
@@ -315,20 +343,23 @@ impl Session {
         if !self.drain().await {
             return Err(DirectError::Broken);
         }
-        let mut client = DirectClient::connect(&self.shared.upstream)
-            .await
-            .map_err(DirectError::Upstream)?;
         let pattern = self.namespace.pattern(b"*");
-        let mut cursor = Bytes::from_static(b"0");
         let mut count = 0;
-        loop {
-            let (next, keys) = scan(&mut client, &cursor, &pattern).await?;
-            count += keys.len() as i64;
-            if next.as_ref() == b"0" {
-                return Ok(count);
+        for holder in self.shared.key_holders() {
+            let mut client = DirectClient::connect(&holder)
+                .await
+                .map_err(DirectError::Upstream)?;
+            let mut cursor = Bytes::from_static(b"0");
+            loop {
+                let (next, keys) = scan(&mut client, &cursor, &pattern).await?;
+                count += keys.len() as i64;
+                if next.as_ref() == b"0" {
+                    break;
+                }
+                cursor = next;
             }
-            cursor = next;
         }
+        Ok(count)
     }
 }
 
@@ -337,7 +368,7 @@ async fn upstream_facts(shared: Arc<Shared>) -> Result<Arc<UpstreamFacts>, Direc
     shared
         .upstream_facts
         .get_or_try_init(|| async {
-            let mut client = DirectClient::connect(&shared.upstream)
+            let mut client = DirectClient::connect(&shared.any_server())
                 .await
                 .map_err(DirectError::Upstream)?;
             let reply = client.call(&[b"INFO", b"server"]).await?;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::emulation::Emulation;
-use super::{Pending, ReplyMode, Session, display_name};
+use super::{NodeNeed, Pending, ReplyMode, Session, display_name};
 use crate::command::{self, Local, ReplyShape};
 use crate::frame;
 use crate::namespace::Namespace;
@@ -271,7 +271,7 @@ impl Session {
         // A shared link speaks RESP2 for good, so `HELLO 2` may use one.
         let resp3 = version.unwrap_or(self.writer.resp3);
         let shared = self.use_shared_link(resp3);
-        if !shared && !self.ensure_link().await {
+        if !shared && !self.ensure_link(NodeNeed::Any).await {
             return;
         }
         self.writer.resp3 = resp3;
@@ -310,6 +310,7 @@ impl Session {
         self.drop_subscriptions();
         self.log_out();
         self.transaction = None;
+        self.multi_unsent = false;
         self.watching = false;
         self.values = None;
         self.namespace = Arc::new(Namespace::shared());

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::{Bytes, BytesMut};
 
-use super::{Pending, Session};
+use super::{NodeNeed, Pending, Session};
 use crate::command::{Channels, ReplyShape};
 use crate::frame::{self, ProtocolError};
 use crate::namespace::Namespace;
@@ -102,7 +102,7 @@ impl Session {
     /// `SUBSCRIBE`, `PSUBSCRIBE`, `SSUBSCRIBE`: one confirmation per name
     /// comes back.
     pub(super) async fn subscribe(&mut self, kind: Channels, args: &[Bytes]) {
-        if !self.ensure_link().await {
+        if !self.ensure_link(self.channel_need(kind, &args[1..])).await {
             return;
         }
         let names = &args[1..];
@@ -123,7 +123,7 @@ impl Session {
     /// `UNSUBSCRIBE`, `PUNSUBSCRIBE`, `SUNSUBSCRIBE`: one confirmation per
     /// name, or per current subscription without names (at least one).
     pub(super) async fn unsubscribe(&mut self, kind: Channels, args: &[Bytes]) {
-        if !self.ensure_link().await {
+        if !self.ensure_link(NodeNeed::Any).await {
             return;
         }
         let names = &args[1..];
@@ -220,7 +220,13 @@ impl Session {
         reply: ReplyShape,
     ) {
         let shared = self.use_shared_link(false);
-        if !shared && !self.ensure_link().await {
+        let need = match args {
+            [command, channel, ..] if command.eq_ignore_ascii_case(b"spublish") => {
+                NodeNeed::Slot(crate::upstream::slot(channel))
+            }
+            _ => NodeNeed::Any,
+        };
+        if !shared && !self.ensure_link(need).await {
             return;
         }
         if shared {

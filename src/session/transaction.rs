@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 
-use super::{Pending, Session};
+use super::{NodeNeed, Pending, Session};
 use crate::command::CommandSpec;
 use crate::frame;
 use crate::plan::Plan;
@@ -24,13 +24,23 @@ impl Session {
         if matches!(spec.name, "exec" | "discard") {
             self.watching = false;
         }
+        // A transaction of keyless commands has no node yet (cluster mode):
+        // any will do.
+        if spec.name == "exec"
+            && self.transaction.is_some()
+            && !self.ensure_link(NodeNeed::Any).await
+        {
+            return;
+        }
         match (spec.name, self.transaction.take()) {
             ("multi", Some(open)) => {
                 self.transaction = Some(open);
                 self.refuse("ERR MULTI calls can not be nested");
             }
             ("multi", None) => {
-                self.forward(spec, args).await;
+                if !self.defer_multi().await {
+                    self.forward(spec, args).await;
+                }
                 self.transaction = Some(Transaction::default());
             }
             ("exec", None) => self.reply_local(|w, out| w.error(out, "ERR EXEC without MULTI")),

@@ -58,6 +58,10 @@ pub struct SharedLink {
 }
 
 impl SharedLink {
+    pub(super) fn from_sender(submissions: mpsc::UnboundedSender<Submission>) -> SharedLink {
+        SharedLink { submissions }
+    }
+
     /// Queues requests for the link. If the link's task is gone (the proxy
     /// is shutting down), the session is told at once.
     pub fn submit(&self, submission: Submission) {
@@ -98,6 +102,20 @@ impl SharedLinks {
                 tokio::spawn(link.run());
                 SharedLink { submissions }
             })
+            .collect();
+        SharedLinks { links }
+    }
+
+    /// Starts `count` routers to a Redis Cluster: links that send each
+    /// request to the node serving its keys (see `router`).
+    pub fn start_cluster(
+        cluster: &Arc<super::Cluster>,
+        count: usize,
+        limits: Limits,
+        reply_timeout: Option<Duration>,
+    ) -> SharedLinks {
+        let links = (0..count)
+            .map(|_| super::router::start(Arc::clone(cluster), limits, reply_timeout))
             .collect();
         SharedLinks { links }
     }
