@@ -12,7 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ring::rand::{SecureRandom, SystemRandom};
@@ -22,7 +22,7 @@ use tracing::{info, warn};
 
 use crate::config::AuditSettings;
 use crate::direct::{DirectClient, Reply};
-use crate::upstream::Connector;
+use crate::upstream::{Cluster, Connector, slot};
 
 /// Pairs the local table tracks at most. A pair costs some hundred bytes,
 /// so this bounds the table to about 10 MiB; when it is full, pairs whose
@@ -36,9 +36,16 @@ const MAX_PAIRS: usize = 100_000;
 const SHARED_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Prefixes of the shared keys. They start with `redcloak:`, which no
-/// project's namespace (`project:<hex>:`) can produce.
+/// project's namespace (`project:<hex>:`) can produce. The pair's digest
+/// follows in braces, a Redis Cluster hash tag, so both keys of a pair live
+/// on one node.
 const LOCK_PREFIX: &str = "redcloak:lockout:";
 const FAILURES_PREFIX: &str = "redcloak:failures:";
+
+/// The shared key of `pair` under `prefix`.
+fn shared_key(prefix: &str, pair: &Pair) -> String {
+    format!("{prefix}{{{}}}", pair.hex())
+}
 
 /// One (user, client IP) pair, as SHA-256(user, NUL, IP): fixed-size
 /// whatever the client sends, never the name itself, and the same digest
@@ -108,9 +115,19 @@ impl Lockout {
 
     /// Keeps the counters in the upstream reached by `connector` (links are
     /// opened on first use, not here).
-    pub fn shared_through(mut self, connector: Connector) -> Lockout {
+    pub fn shared_through(self, connector: Connector) -> Lockout {
+        self.shared_in(CounterStore::Server(connector))
+    }
+
+    /// Keeps the counters in a Redis Cluster, each pair's on the node
+    /// serving its slot.
+    pub fn shared_through_cluster(self, cluster: Arc<Cluster>) -> Lockout {
+        self.shared_in(CounterStore::Cluster(cluster))
+    }
+
+    fn shared_in(mut self, store: CounterStore) -> Lockout {
         self.shared = Some(SharedCounters {
-            connector,
+            store,
             client: tokio::sync::Mutex::new(None),
             degraded: AtomicBool::new(false),
         });
@@ -127,9 +144,9 @@ impl Lockout {
             return false;
         }
         if let Some(shared) = &self.shared {
-            let lock = format!("{LOCK_PREFIX}{}", pair.hex());
+            let lock = shared_key(LOCK_PREFIX, pair);
             let exists: [&[u8]; 2] = [b"EXISTS", lock.as_bytes()];
-            match shared.call(&[&exists[..]]).await {
+            match shared.call(pair, &[&exists[..]]).await {
                 Some(replies) => return replies.first() == Some(&Reply::Integer(1)),
                 None => shared.degrade(),
             }
@@ -160,9 +177,9 @@ impl Lockout {
             return;
         }
         if let Some(shared) = &self.shared {
-            let failures = format!("{FAILURES_PREFIX}{}", pair.hex());
+            let failures = shared_key(FAILURES_PREFIX, pair);
             let del: [&[u8]; 2] = [b"DEL", failures.as_bytes()];
-            if shared.call(&[&del[..]]).await.is_some() {
+            if shared.call(pair, &[&del[..]]).await.is_some() {
                 return;
             }
             shared.degrade();
@@ -175,8 +192,7 @@ impl Lockout {
     /// expires by itself, created with `NX` so that only one replica
     /// reports it.
     async fn shared_failed(&self, shared: &SharedCounters, pair: &Pair) -> Result<Option<u32>, ()> {
-        let hex = pair.hex();
-        let failures = format!("{FAILURES_PREFIX}{hex}");
+        let failures = shared_key(FAILURES_PREFIX, pair);
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -195,7 +211,7 @@ impl Lockout {
         let expire: [&[u8]; 3] = [b"PEXPIRE", f, window_text.as_bytes()];
         let exec: [&[u8]; 1] = [b"EXEC"];
         let replies = shared
-            .call(&[&multi[..], &trim, &add, &card, &expire, &exec])
+            .call(pair, &[&multi[..], &trim, &add, &card, &expire, &exec])
             .await
             .ok_or(())?;
         let count = replies
@@ -213,7 +229,7 @@ impl Lockout {
             return Ok(None);
         }
 
-        let lock = format!("{LOCK_PREFIX}{hex}");
+        let lock = shared_key(LOCK_PREFIX, pair);
         let lockout = self.policy.lockout.as_millis().to_string();
         let count_text = count.to_string();
         let set: [&[u8]; 6] = [
@@ -225,7 +241,7 @@ impl Lockout {
             b"NX",
         ];
         let del: [&[u8]; 2] = [b"DEL", f];
-        let replies = shared.call(&[&set[..], &del]).await.ok_or(())?;
+        let replies = shared.call(pair, &[&set[..], &del]).await.ok_or(())?;
         Ok(replies
             .first()
             .is_some_and(|r| r.is_status("OK"))
@@ -248,10 +264,40 @@ fn random_tag() -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Where shared counters live.
+enum CounterStore {
+    Server(Connector),
+    Cluster(Arc<Cluster>),
+}
+
+impl CounterStore {
+    /// A connector to the server holding `pair`'s keys.
+    fn connector_for(&self, pair: &Pair) -> Option<Connector> {
+        match self {
+            CounterStore::Server(connector) => Some(connector.clone()),
+            CounterStore::Cluster(cluster) => {
+                let owner = cluster.map().owner(slot(pair.hex().as_bytes())).cloned();
+                if owner.is_none() {
+                    cluster.request_refresh();
+                }
+                Some(cluster.connector_for(&owner?))
+            }
+        }
+    }
+
+    /// A node's refusal may mean the slot map is stale.
+    fn refused(&self) {
+        if let CounterStore::Cluster(cluster) = self {
+            cluster.request_refresh();
+        }
+    }
+}
+
 /// One upstream link for shared counters, used by one login at a time.
 struct SharedCounters {
-    connector: Connector,
-    client: tokio::sync::Mutex<Option<DirectClient>>,
+    store: CounterStore,
+    /// The open link, and the address it leads to.
+    client: tokio::sync::Mutex<Option<(String, DirectClient)>>,
     /// Set while the upstream is unreachable, so the fallback is logged
     /// once when it starts and once when it ends.
     degraded: AtomicBool,
@@ -260,18 +306,30 @@ struct SharedCounters {
 impl SharedCounters {
     /// Sends the requests as one pipeline; `None` when the upstream can't be
     /// reached or answers an error, after which the link is opened afresh.
-    async fn call(&self, requests: &[&[&[u8]]]) -> Option<Vec<Reply>> {
+    async fn call(&self, pair: &Pair, requests: &[&[&[u8]]]) -> Option<Vec<Reply>> {
+        let connector = self.store.connector_for(pair)?;
         let mut slot = self.client.lock().await;
+        if slot
+            .as_ref()
+            .is_some_and(|(address, _)| address != connector.address())
+        {
+            *slot = None;
+        }
         if slot.is_none() {
-            match DirectClient::connect(&self.connector).await {
-                Ok(client) => *slot = Some(client.with_timeout(SHARED_TIMEOUT)),
+            match DirectClient::connect(&connector).await {
+                Ok(client) => {
+                    *slot = Some((
+                        connector.address().to_owned(),
+                        client.with_timeout(SHARED_TIMEOUT),
+                    ))
+                }
                 Err(e) => {
                     self.note_failure(&e);
                     return None;
                 }
             }
         }
-        let client = slot.as_mut()?;
+        let (_, client) = slot.as_mut()?;
         match client.call_many(requests).await {
             Ok(replies) if !replies.iter().any(|r| r.error_text().is_some()) => {
                 if self.degraded.swap(false, Ordering::Relaxed) {
@@ -284,6 +342,7 @@ impl SharedCounters {
                     .iter()
                     .find_map(Reply::error_text)
                     .unwrap_or_default();
+                self.store.refused();
                 self.note_failure(&text);
                 *slot = None;
                 None

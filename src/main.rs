@@ -238,15 +238,10 @@ async fn run(path: PathBuf, settings: Settings) -> anyhow::Result<()> {
         info!(server_name = %tls.server_name(), "tls to the upstream");
         connector = connector.with_tls(Arc::new(tls));
     }
-    let lockout = lockout(&settings, connector.tls());
-    let monitor = Monitor::new(audit, metrics, lockout, &settings.detection);
-    monitor.config_warnings(&warnings);
-    let leakage = Leakage::new(&settings);
-    let mut shared = Shared::new(auth, connector, limits, encryption, monitor, leakage);
     let cluster = match settings.upstream.mode {
         UpstreamMode::Single => None,
         UpstreamMode::Cluster => {
-            let cluster = Cluster::new(shared.upstream.clone(), settings.upstream.nodes.clone());
+            let cluster = Cluster::new(connector.clone(), settings.upstream.nodes.clone());
             // Serving starts either way: requests wait for the map (and
             // get CLUSTERDOWN if it never comes), as they would in Redis.
             if cluster.refresh().await {
@@ -258,10 +253,17 @@ async fn run(path: PathBuf, settings: Settings) -> anyhow::Result<()> {
                 warn!("no seed node answered CLUSTER SLOTS; retrying in the background");
             }
             tokio::spawn(Arc::clone(&cluster).keep_fresh());
-            shared = shared.with_cluster(Arc::clone(&cluster));
             Some(cluster)
         }
     };
+    let lockout = lockout(&settings, connector.tls(), cluster.as_ref());
+    let monitor = Monitor::new(audit, metrics, lockout, &settings.detection);
+    monitor.config_warnings(&warnings);
+    let leakage = Leakage::new(&settings);
+    let mut shared = Shared::new(auth, connector, limits, encryption, monitor, leakage);
+    if let Some(cluster) = &cluster {
+        shared = shared.with_cluster(Arc::clone(cluster));
+    }
     let shared = Arc::new(shared);
     shared.set_script_projects(script_projects(&settings));
 
@@ -382,12 +384,19 @@ async fn watch_signals(
 
 /// Failed-login lockout, with counters in the upstream when
 /// `audit.lockout_shared` is set (over its own links, with the same TLS).
-fn lockout(settings: &Settings, tls: Option<&Arc<UpstreamTls>>) -> Lockout {
+fn lockout(
+    settings: &Settings,
+    tls: Option<&Arc<UpstreamTls>>,
+    cluster: Option<&Arc<Cluster>>,
+) -> Lockout {
     let lockout = Lockout::new(&settings.audit);
     if !settings.audit.lockout_shared {
         return lockout;
     }
     info!("lockout counters are shared through the upstream");
+    if let Some(cluster) = cluster {
+        return lockout.shared_through_cluster(Arc::clone(cluster));
+    }
     let mut connector = Connector::new(&settings.upstream);
     if let Some(tls) = tls {
         connector = connector.with_tls(Arc::clone(tls));

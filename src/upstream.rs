@@ -89,6 +89,11 @@ impl Connector {
         }
     }
 
+    /// The `host:port` links are opened to.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
     /// The same credentials and TLS towards another node (cluster mode).
     pub fn to(&self, address: &str) -> Connector {
         Connector {

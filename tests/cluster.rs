@@ -577,3 +577,36 @@ fn sealed_values_open_after_resharding_and_stay_apart_between_projects() {
     assert_eq!(proxy.login(&ADMIN).cmd(&["DBSIZE"]), b":30\r\n");
     assert_eq!(proxy.login(&SHIPPING_ADMIN).cmd(&["DBSIZE"]), b":30\r\n");
 }
+
+#[test]
+fn a_lockout_shared_through_the_cluster_holds_on_every_proxy() {
+    let cluster = TestCluster::start(3, 0);
+    let toml = cluster.proxy_toml(USERS, "", "enabled = false\n").replace(
+        "[audit]\nenabled = false\n",
+        "[audit]\nenabled = false\nlockout_shared = true\nfailed_access_threshold = 2\n",
+    );
+    let first = Proxy::start_toml(&toml);
+    let second = Proxy::start_toml(&toml);
+    let wrongpass = b"-WRONGPASS invalid username-password pair or user is disabled.\r\n";
+    let (mut a, mut b) = (first.raw(), second.raw());
+    assert_eq!(a.cmd(&["AUTH", ALICE.name, "wrong"]), wrongpass);
+    assert_eq!(b.cmd(&["AUTH", ALICE.name, "wrong"]), wrongpass);
+    // Locked out on both proxies, though each saw one failure.
+    assert_eq!(a.cmd(&["AUTH", ALICE.name, ALICE.password]), wrongpass);
+    assert_eq!(b.cmd(&["AUTH", ALICE.name, ALICE.password]), wrongpass);
+    assert_eq!(b.cmd(&["AUTH", BOB.name, BOB.password]), b"+OK\r\n");
+
+    // The lock lives on one node (the failures it replaced were deleted);
+    // its hash tag keeps it in the slot of the pair's failure counts.
+    let mut found = Vec::new();
+    for master in cluster.masters() {
+        let keys = cluster.direct(master).cmd(&["KEYS", "redcloak:*"]);
+        let listed = String::from_utf8_lossy(&keys).into_owned();
+        if listed.contains("redcloak:") {
+            found.push(listed);
+        }
+    }
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].contains("redcloak:lockout:{"), "{found:?}");
+    assert!(!found[0].contains("alice"), "{found:?}");
+}
