@@ -452,6 +452,10 @@ fn a_slot_migrated_under_load_is_followed_through_ask_then_moved() {
     for key in &tagged {
         assert_eq!(alice.cmd(&["GET", key]), bulk(&rounds.to_string()), "{key}");
     }
+    // Both kinds of redirection were met and followed.
+    let logs = proxy.logs().join("\n");
+    assert!(logs.contains("kind=Ask"), "ASK followed");
+    assert!(logs.contains("kind=Moved"), "MOVED followed");
     let upstream = format!("{}{}", upstream_prefix(ALICE.project), tagged[0]);
     assert_eq!(
         cluster.direct(to).cmd(&["GET", &upstream]),

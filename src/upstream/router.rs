@@ -13,8 +13,10 @@
 //! `MOVED` or `ASK` is sent again where the reply says; one refused with
 //! `TRYAGAIN` or `CLUSTERDOWN`, or not sent because its node could not be
 //! reached, is tried again for a while (a failover takes the cluster's node
-//! timeout). A part already written when its connection fails gets an error
-//! reply: whether it ran is unknown, so it is not repeated.
+//! timeout); meanwhile every later part waits behind it, so no request
+//! overtakes an earlier one. A part already written when its connection
+//! fails gets an error reply: whether it ran is unknown, so it is not
+//! repeated.
 //!
 //! Entries leave in the order they came, so every session gets its replies
 //! in request order, exactly as from a single Redis.
@@ -75,7 +77,8 @@ pub(super) fn start(
         entries: VecDeque::new(),
         first_seq: 0,
         outbox: HashMap::new(),
-        retries: Vec::new(),
+        held: VecDeque::new(),
+        held_until: None,
         limits,
         reply_timeout,
     };
@@ -176,8 +179,12 @@ struct Router {
     first_seq: u64,
     /// Parts routed while handling one event, sent together per node.
     outbox: HashMap<Arc<str>, Batch>,
-    /// Parts to route again, and when.
-    retries: Vec<(Instant, Ticket)>,
+    /// Parts waiting to be routed again, in the order they must go. While
+    /// any wait, every part routed queues behind them, so that no request
+    /// overtakes an earlier one (during a failover, for instance).
+    held: VecDeque<Ticket>,
+    /// When the held parts are tried again.
+    held_until: Option<Instant>,
     limits: Limits,
     reply_timeout: Option<Duration>,
 }
@@ -193,7 +200,7 @@ impl Router {
         let retry_timer = tokio::time::sleep(NEVER);
         tokio::pin!(retry_timer);
         loop {
-            let next_retry = self.retries.iter().map(|(due, _)| *due).min();
+            let next_retry = self.held_until;
             if let Some(due) = next_retry {
                 retry_timer.as_mut().reset(due);
             }
@@ -249,9 +256,18 @@ impl Router {
         }
     }
 
-    /// Puts a part in the outbox of the node serving it, or schedules it to
-    /// be tried again when no node does (yet).
+    /// Sends a part on its way, behind any held ones.
     fn route(&mut self, ticket: Ticket) {
+        if self.held.is_empty() {
+            self.dispatch(ticket);
+        } else {
+            self.held.push_back(ticket);
+        }
+    }
+
+    /// Puts a part in the outbox of the node serving it, or holds it to be
+    /// tried again when no node does (yet).
+    fn dispatch(&mut self, ticket: Ticket) {
         let map = self.cluster.map();
         let Some(part) = self
             .entry_mut(ticket.seq)
@@ -295,17 +311,18 @@ impl Router {
         };
         let since = *part.retrying_since.get_or_insert(now);
         if now.duration_since(since) < RETRY_WINDOW {
-            self.retries.push((now + RETRY_PAUSE, ticket));
+            self.held.push_back(ticket);
+            self.held_until.get_or_insert(now + RETRY_PAUSE);
         } else {
             self.answer(ticket, Bytes::copy_from_slice(error));
         }
     }
 
+    /// Routes the held parts again, in order; the first that must wait
+    /// again holds back the rest.
     fn retry_due(&mut self) {
-        let now = Instant::now();
-        let (due, later): (Vec<_>, Vec<_>) = self.retries.drain(..).partition(|(at, _)| *at <= now);
-        self.retries = later;
-        for (_, ticket) in due {
+        self.held_until = None;
+        for ticket in std::mem::take(&mut self.held) {
             self.route(ticket);
         }
     }
@@ -388,6 +405,7 @@ impl Router {
         };
         if reply.first() == Some(&b'-') && redirects < MAX_REDIRECTS {
             if let Some((kind, slot, address)) = redirection(&reply) {
+                debug!(?kind, slot, "cluster redirection followed");
                 let target = match kind {
                     Redirect::Moved => {
                         self.cluster.moved(slot, &address);
