@@ -21,6 +21,12 @@
 # BENCH_SCENARIOS="50 1 4096,50 16 100" runs only the scenarios listed, each
 # as "clients pipeline size"; BENCH_TESTS="set" runs only SET;
 # BENCH_WORKERS=2 sets the proxies' server.workers (default: theirs).
+#
+# Then, unless BENCH_CLUSTER=0, a cluster scenario: a three-master Redis
+# Cluster, driven directly by `redis-benchmark --cluster` (a client that
+# knows the slots) and through the sealed proxy in cluster mode (a client
+# that does not), for SET and GET at 50 clients with pipeline 1 and 16.
+# It is reported, without a target.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -234,3 +240,110 @@ for s in "${setups[@]}"; do
   printf 'proxy %-8s peak RSS %7s MiB, CPU %7s s\n' "$s" "$hwm" "$(cpu_secs "${pid[$s]}")"
 done
 printf 'redis-server   CPU %s s (all setups and direct runs together)\n' "$(cpu_secs "$redis_pid")"
+
+[ "${BENCH_CLUSTER:-1}" = 1 ] || exit 0
+
+# A port whose cluster bus port (port + 10000) is free too.
+free_cluster_port() {
+  python3 -c '
+import socket
+while True:
+    a = socket.socket(); a.bind(("127.0.0.1", 0)); p = a.getsockname()[1]
+    if p + 10000 > 65535: a.close(); continue
+    b = socket.socket()
+    try:
+        b.bind(("127.0.0.1", p + 10000)); print(p); break
+    except OSError:
+        pass
+    finally:
+        a.close(); b.close()'
+}
+
+echo
+echo "cluster: 3 masters, no replicas; direct = redis-benchmark --cluster, proxy = sealed setup in cluster mode"
+nodes=()
+for n in 1 2 3; do
+  p=$(free_cluster_port)
+  mkdir -p "$work/node$n"
+  redis-server --port "$p" --bind 127.0.0.1 --save '' --appendonly no \
+    --cluster-enabled yes --cluster-config-file "$work/node$n/nodes.conf" \
+    --dir "$work/node$n" --daemonize no >"$work/node$n.log" 2>&1 &
+  pids+=($!)
+  wait_until "$!" "$work/node$n.log" redis_answers "$p"
+  nodes+=("127.0.0.1:$p")
+done
+redis-cli --cluster create "${nodes[@]}" --cluster-yes >"$work/cluster-create.log" 2>&1
+cluster_ok() { [[ "$(redis-cli -p "${nodes[0]#*:}" cluster info 2>/dev/null)" == *cluster_state:ok* ]]; }
+wait_until "${pids[-1]}" "$work/cluster-create.log" cluster_ok
+
+p=$(free_port)
+seeds=$(printf '"%s",' "${nodes[@]}")
+cat >"$work/cluster.toml" <<TOML
+[server]
+listen = "127.0.0.1:$p"
+workers = ${BENCH_WORKERS:-0}
+[upstream]
+mode = "cluster"
+nodes = [${seeds%,}]
+[encryption]
+enabled = true
+key = "$key"
+[audit]
+enabled = false
+[[users]]
+name = "default"
+password_hash = "$hash"
+project = "bench-cluster"
+access = "readwrite"
+TOML
+RUST_LOG=warn "$bin" serve --config "$work/cluster.toml" >/dev/null 2>"$work/cluster.log" &
+pid[cluster]=$!
+pids+=("${pid[cluster]}")
+port[cluster]=$p
+wait_until "${pid[cluster]}" "$work/cluster.log" proxy_answers "$p"
+
+# Prints "rps p50 p99" of one run: direct with --cluster, or through the proxy.
+cluster_once() { # direct|proxy, test, pipeline
+  local args out
+  if [ "$1" = direct ]; then
+    args=(--cluster -p "${nodes[0]#*:}")
+  else
+    args=(-p "${port[cluster]}" -a bench-pw)
+  fi
+  out=$(redis-benchmark "${args[@]}" -t "$2" -c 50 -P "$3" -d 100 -n "$requests" \
+    -r 100000 --csv 2>"$work/benchmark.err" | tail -n 1 | tr -d '"' |
+    awk -F, '$2 + 0 > 0 { print $2, $5, $7 }') || true
+  if [ -z "$out" ]; then
+    echo "bench.sh: redis-benchmark ($1, cluster) failed:" >&2
+    cat "$work/benchmark.err" >&2
+    exit 1
+  fi
+  echo "$out"
+}
+
+# shellcheck disable=SC2059
+printf "$row" scenario setup 'req/s' p50_ms p99_ms ratio ''
+for pipeline in 1 16; do
+  for test in "${tests[@]}"; do
+    for _ in $(seq "$repeats"); do
+      for s in direct proxy; do
+        cluster_once "$s" "$test" "$pipeline" >>"$work/runs/cluster-$s"
+      done
+    done
+    name="$test c=50 P=$pipeline d=100"
+    for s in direct proxy; do
+      rps=$(cut -d' ' -f1 "$work/runs/cluster-$s" | median)
+      p50=$(cut -d' ' -f2 "$work/runs/cluster-$s" | median)
+      p99=$(cut -d' ' -f3 "$work/runs/cluster-$s" | median)
+      rm "$work/runs/cluster-$s"
+      [ "$s" = direct ] && base=$rps
+      ratio=$(awk -v a="$rps" -v b="$base" 'BEGIN { printf "%.2f", a / b }')
+      # shellcheck disable=SC2059
+      printf "$row" "$name" "$s" "$(printf '%.0f' "$rps")" "$p50" "$p99" "$ratio" "" |
+        sed 's/ *$//'
+      name=""
+    done
+  done
+done
+hwm=$(awk '/^VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/${pid[cluster]}/status")
+printf 'proxy %-8s peak RSS %7s MiB, CPU %7s s\n' cluster "$hwm" "$(cpu_secs "${pid[cluster]}")"
