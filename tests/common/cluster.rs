@@ -7,20 +7,26 @@
 //! replication) rather than trusting what the harness last did: gossip
 //! converges asynchronously, and a test that acts on a half-formed cluster
 //! fails at random.
+//!
+//! `TestCluster::start_with` secures the nodes: a password (and optionally
+//! an ACL user) on every node, and TLS only (client port, cluster bus and
+//! replication). The harness's own connections then log in and speak TLS
+//! too, and `proxy_toml` gives the proxy the same credentials.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use redcloak::frame::Scanner;
 
-use super::{Raw, TEST_ITERATIONS, User};
+use super::{Raw, TEST_ITERATIONS, TlsRaw, User, gen_certs};
 
 /// Redis Cluster's slot count.
 pub const SLOTS: u16 = 16384;
@@ -98,16 +104,223 @@ fn bindable(port: u16) -> bool {
     TcpListener::bind(("127.0.0.1", port)).is_ok()
 }
 
-/// A raw client to a node, or `None` if nothing listens there (a killed
-/// node). Polls must not panic on a node that is down.
-fn try_connect(port: u16) -> Option<Raw> {
-    let stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    Some(Raw {
-        stream,
-        buf: BytesMut::new(),
-        scanner: Scanner::for_replies(),
-    })
+/// How `TestCluster::start_with` secures the nodes. The default is none:
+/// plain TCP, no password, as `TestCluster::start` builds.
+#[derive(Clone, Debug, Default)]
+pub struct ClusterOptions {
+    /// Every node requires this password (`--requirepass`, and
+    /// `--masterauth` for its replicas); the harness logs in with it.
+    pub password: Option<String>,
+    /// With `password`: the nodes get this ACL user (all keys, channels and
+    /// commands) with that password instead, and the `default` user is
+    /// off, so only `AUTH username password` logs in.
+    pub username: Option<String>,
+    /// Nodes speak TLS only (`--port 0 --tls-port`), on the cluster bus and
+    /// for replication too, with certificates from `certs/gen-certs.sh`
+    /// (`redis.crt`, valid for 127.0.0.1, `localhost` and `redis`), and
+    /// require client certificates signed by its CA.
+    pub tls: bool,
+}
+
+/// What every connection to a node needs: the login, and the
+/// certificates of a TLS cluster. Shared by the cluster and its nodes.
+struct Security {
+    options: ClusterOptions,
+    /// `gen_certs` output for a TLS cluster.
+    certs: Option<tempfile::TempDir>,
+}
+
+impl Security {
+    fn new(options: ClusterOptions) -> Security {
+        assert!(
+            options.username.is_none() || options.password.is_some(),
+            "an ACL user needs a password"
+        );
+        let certs = options.tls.then(|| {
+            let dir = tempfile::tempdir().expect("temporary directory");
+            gen_certs(dir.path(), false);
+            dir
+        });
+        Security { options, certs }
+    }
+
+    fn cert(&self, name: &str) -> Option<PathBuf> {
+        self.certs.as_ref().map(|d| d.path().join(name))
+    }
+
+    /// `redis-server` arguments for the port and the security options.
+    fn server_args(&self, port: u16) -> Vec<String> {
+        let mut args: Vec<String> = Vec::new();
+        let port = port.to_string();
+        if self.certs.is_some() {
+            args.extend(["--port", "0", "--tls-port", &port].map(String::from));
+            args.extend(["--tls-cluster", "yes", "--tls-replication", "yes"].map(String::from));
+            for (flag, file) in [
+                ("--tls-cert-file", "redis.crt"),
+                ("--tls-key-file", "redis.key"),
+                ("--tls-ca-cert-file", "ca.crt"),
+            ] {
+                args.push(flag.into());
+                args.push(self.cert(file).expect("certs").display().to_string());
+            }
+        } else {
+            args.extend(["--port", &port].map(String::from));
+        }
+        match (&self.options.username, &self.options.password) {
+            (Some(user), Some(password)) => {
+                args.extend(["--user".into(), user.clone(), "on".into()]);
+                args.extend([
+                    format!(">{password}"),
+                    "~*".into(),
+                    "&*".into(),
+                    "+@all".into(),
+                ]);
+                args.extend(["--user", "default", "off"].map(String::from));
+                args.extend(["--masteruser".into(), user.clone()]);
+                args.extend(["--masterauth".into(), password.clone()]);
+            }
+            (None, Some(password)) => {
+                args.extend(["--requirepass".into(), password.clone()]);
+                args.extend(["--masterauth".into(), password.clone()]);
+            }
+            _ => {}
+        }
+        args
+    }
+
+    /// `redis-cli` arguments to reach and log in to the nodes.
+    fn cli_args(&self) -> Vec<String> {
+        let mut args: Vec<String> = Vec::new();
+        if self.certs.is_some() {
+            args.push("--tls".into());
+            for (flag, file) in [
+                ("--cacert", "ca.crt"),
+                ("--cert", "redis.crt"),
+                ("--key", "redis.key"),
+            ] {
+                args.push(flag.into());
+                args.push(self.cert(file).expect("certs").display().to_string());
+            }
+        }
+        if let Some(user) = &self.options.username {
+            args.extend(["--user".into(), user.clone()]);
+        }
+        if let Some(password) = &self.options.password {
+            args.extend([
+                "--pass".into(),
+                password.clone(),
+                "--no-auth-warning".into(),
+            ]);
+        }
+        args
+    }
+
+    /// A connection to a node, not logged in, or `None` if nothing
+    /// listens there (a killed node) or, for TLS, the handshake failed.
+    fn open(&self, port: u16) -> Option<NodeClient> {
+        if self.certs.is_some() {
+            let ca = self.cert("ca.crt")?;
+            let (cert, key) = (self.cert("redis.crt")?, self.cert("redis.key")?);
+            let tls = TlsRaw::connect(port, &ca, Some((&cert, &key))).ok()?;
+            tls.stream
+                .sock
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .ok()?;
+            return Some(NodeClient::Tls(Box::new(tls)));
+        }
+        let stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        Some(NodeClient::Plain(Raw {
+            stream,
+            buf: BytesMut::new(),
+            scanner: Scanner::for_replies(),
+        }))
+    }
+
+    /// The AUTH arguments of the options, if any.
+    fn auth_args(&self) -> Option<Vec<&str>> {
+        let password = self.options.password.as_deref()?;
+        Some(match self.options.username.as_deref() {
+            Some(user) => vec!["AUTH", user, password],
+            None => vec!["AUTH", password],
+        })
+    }
+
+    /// Logs `client` in when the nodes need a password. `Err(Some(reply))`
+    /// when the node refused, `Err(None)` when it did not answer.
+    fn login(&self, client: &mut NodeClient) -> Result<(), Option<Vec<u8>>> {
+        let Some(args) = self.auth_args() else {
+            return Ok(());
+        };
+        client.send(&args);
+        match client.try_reply() {
+            Some(reply) if reply == b"+OK\r\n" => Ok(()),
+            Some(reply) => Err(Some(reply)),
+            None => Err(None),
+        }
+    }
+
+    /// A logged-in connection to a node, or `None` if it is unreachable.
+    /// Polls must not panic on a node that is down.
+    fn try_connect(&self, port: u16) -> Option<NodeClient> {
+        let mut client = self.open(port)?;
+        self.login(&mut client).ok()?;
+        Some(client)
+    }
+
+    /// A logged-in connection to a node that must be up.
+    fn connect(&self, port: u16) -> NodeClient {
+        self.try_connect(port)
+            .unwrap_or_else(|| panic!("cannot connect and log in to the node on {port}"))
+    }
+}
+
+/// A connection straight to a cluster node: plain TCP or TLS, as the
+/// cluster speaks, logged in when it has a password. Replies are exact
+/// bytes, as with [`Raw`].
+pub enum NodeClient {
+    Plain(Raw),
+    Tls(Box<TlsRaw>),
+}
+
+impl NodeClient {
+    pub fn send_bytes(&mut self, bytes: &[u8]) {
+        match self {
+            NodeClient::Plain(raw) => raw.send_bytes(bytes),
+            NodeClient::Tls(tls) => {
+                let sent = tls
+                    .stream
+                    .write_all(bytes)
+                    .and_then(|()| tls.stream.flush());
+                sent.expect("writing to the node over TLS");
+            }
+        }
+    }
+
+    pub fn send(&mut self, args: &[&str]) {
+        self.send_bytes(&Raw::encode(args));
+    }
+
+    /// Reads one reply frame, or `None` if the connection closed (or, over
+    /// TLS, failed) first.
+    pub fn try_reply(&mut self) -> Option<Vec<u8>> {
+        match self {
+            NodeClient::Plain(raw) => raw.try_reply(),
+            NodeClient::Tls(tls) => tls.try_reply().ok(),
+        }
+    }
+
+    /// Reads one reply frame; panics without one.
+    pub fn reply(&mut self) -> Vec<u8> {
+        self.try_reply()
+            .expect("a reply before the connection closed")
+    }
+
+    /// Sends one command and returns its reply.
+    pub fn cmd(&mut self, args: &[&str]) -> Vec<u8> {
+        self.send(args);
+        self.reply()
+    }
 }
 
 /// Encodes a request whose arguments may be binary (keys read back from
@@ -269,6 +482,8 @@ type Agreement = (Vec<(u16, u16, String)>, BTreeMap<String, Option<String>>);
 struct Node {
     child: Option<Child>,
     port: u16,
+    /// How to start it and reach it.
+    security: Arc<Security>,
     /// The node id, from CLUSTER MYID once it is up; kept in `nodes.conf`,
     /// so a restart keeps it.
     id: String,
@@ -287,11 +502,12 @@ struct Killed {
 impl Node {
     /// Starts a node on a free port pair, retrying elsewhere when another
     /// process wins the port.
-    fn launch() -> Node {
+    fn launch(security: &Arc<Security>) -> Node {
         for _ in 0..20 {
             let mut node = Node {
                 child: None,
                 port: candidate_port(),
+                security: Arc::clone(security),
                 id: String::new(),
                 dir: tempfile::tempdir().expect("temporary directory"),
                 killed: None,
@@ -308,7 +524,8 @@ impl Node {
     fn spawn(&mut self) {
         let dir = self.dir.path();
         let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(self.security.server_args(self.port))
+            .args(["--bind", "127.0.0.1"])
             .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
             .arg("--cluster-config-file")
             .arg(dir.join("nodes.conf"))
@@ -336,15 +553,24 @@ impl Node {
     /// Waits for the node to answer on its port and learns its id; false
     /// if it exited or never answered. Other tests start servers on ports
     /// they found free at the same moment, so the answer must come from
-    /// our process: INFO's `process_id` says whose it is. A node that lost
-    /// its client or bus port exits at once.
+    /// our process: INFO's `process_id` says whose it is (and a node of
+    /// another cluster refuses our password). A node that lost its client
+    /// or bus port exits at once.
     fn wait_up(&mut self) -> bool {
         let Some(pid) = self.child.as_ref().map(Child::id) else {
             return false;
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if let Some(mut raw) = try_connect(self.port) {
+            if let Some(mut raw) = self.security.open(self.port) {
+                match self.security.login(&mut raw) {
+                    Ok(()) => {}
+                    Err(Some(_)) => return false,
+                    Err(None) => {
+                        std::thread::sleep(Duration::from_millis(20));
+                        continue;
+                    }
+                }
                 raw.send(&["INFO", "server"]);
                 if let Some(reply) = raw.try_reply()
                     && let Ok(info) = bulk_text(&reply)
@@ -388,6 +614,7 @@ impl Drop for Node {
 /// drop.
 pub struct TestCluster {
     nodes: Vec<Node>,
+    security: Arc<Security>,
 }
 
 impl TestCluster {
@@ -396,10 +623,21 @@ impl TestCluster {
     /// assigned, the same slot owners and replica links in every node's
     /// CLUSTER NODES, and every replica's `master_link_status:up`.
     pub fn start(masters: usize, replicas_per_master: usize) -> TestCluster {
+        TestCluster::start_with(masters, replicas_per_master, ClusterOptions::default())
+    }
+
+    /// `start` with the nodes secured as `options` say.
+    pub fn start_with(
+        masters: usize,
+        replicas_per_master: usize,
+        options: ClusterOptions,
+    ) -> TestCluster {
         assert!(masters >= 1, "a cluster needs at least one master");
         let total = masters * (1 + replicas_per_master);
+        let security = Arc::new(Security::new(options));
         let cluster = TestCluster {
-            nodes: (0..total).map(|_| Node::launch()).collect(),
+            nodes: (0..total).map(|_| Node::launch(&security)).collect(),
+            security,
         };
         if masters >= 3 {
             cluster.create_with_redis_cli(replicas_per_master);
@@ -415,6 +653,7 @@ impl TestCluster {
     /// for the nodes to meet; the slot and replica views settle later.
     fn create_with_redis_cli(&self, replicas: usize) {
         let out = Command::new("redis-cli")
+            .args(self.security.cli_args())
             .args(["--cluster", "create"])
             .args(self.seeds())
             .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
@@ -435,7 +674,9 @@ impl TestCluster {
     fn create_by_hand(&self, masters: usize, replicas: usize) {
         for (i, node) in self.nodes.iter().enumerate() {
             let epoch = (i + 1).to_string();
-            let reply = Raw::connect(node.port).cmd(&["CLUSTER", "SET-CONFIG-EPOCH", &epoch]);
+            let reply = self
+                .client(node.port)
+                .cmd(&["CLUSTER", "SET-CONFIG-EPOCH", &epoch]);
             expect_ok(reply, "CLUSTER SET-CONFIG-EPOCH");
         }
         for i in 0..masters {
@@ -443,10 +684,11 @@ impl TestCluster {
             let last = usize::from(SLOTS) * (i + 1) / masters - 1;
             let (first, last) = (first.to_string(), last.to_string());
             let reply =
-                Raw::connect(self.nodes[i].port).cmd(&["CLUSTER", "ADDSLOTSRANGE", &first, &last]);
+                self.client(self.nodes[i].port)
+                    .cmd(&["CLUSTER", "ADDSLOTSRANGE", &first, &last]);
             expect_ok(reply, "CLUSTER ADDSLOTSRANGE");
         }
-        let mut first = Raw::connect(self.nodes[0].port);
+        let mut first = self.client(self.nodes[0].port);
         for node in &self.nodes[1..] {
             let reply = first.cmd(&["CLUSTER", "MEET", "127.0.0.1", &node.port.to_string()]);
             expect_ok(reply, "CLUSTER MEET");
@@ -455,7 +697,10 @@ impl TestCluster {
         let total = self.nodes.len().to_string();
         self.wait_until("every node to know every other", SETTLE_TIMEOUT, || {
             for node in &self.nodes {
-                let mut raw = try_connect(node.port).ok_or("a node is unreachable")?;
+                let mut raw = self
+                    .security
+                    .try_connect(node.port)
+                    .ok_or("a node is unreachable")?;
                 let info = bulk_text(&raw.cmd(&["CLUSTER", "INFO"]))?;
                 if info_field(&info, "cluster_known_nodes") != Some(total.as_str()) {
                     return Err(format!("{}: {info}", node.port));
@@ -465,7 +710,9 @@ impl TestCluster {
         });
         for (i, node) in self.nodes[masters..].iter().enumerate() {
             let master = &self.nodes[i / replicas].id;
-            let reply = Raw::connect(node.port).cmd(&["CLUSTER", "REPLICATE", master]);
+            let reply = self
+                .client(node.port)
+                .cmd(&["CLUSTER", "REPLICATE", master]);
             expect_ok(reply, "CLUSTER REPLICATE");
         }
     }
@@ -498,7 +745,9 @@ impl TestCluster {
     fn describe(&self) -> String {
         let mut out = String::new();
         for node in self.nodes.iter().filter(|n| n.child.is_some()) {
-            let view = try_connect(node.port)
+            let view = self
+                .security
+                .try_connect(node.port)
                 .map(|mut raw| bulk_text(&raw.cmd(&["CLUSTER", "NODES"])))
                 .unwrap_or_else(|| Err("unreachable".into()));
             out.push_str(&format!(
@@ -531,7 +780,10 @@ impl TestCluster {
         let mut agreed: Option<Agreement> = None;
         for node in &live {
             let port = node.port;
-            let mut raw = try_connect(port).ok_or(format!("{port} is unreachable"))?;
+            let mut raw = self
+                .security
+                .try_connect(port)
+                .ok_or(format!("{port} is unreachable"))?;
             let info = bulk_text(&raw.cmd(&["CLUSTER", "INFO"]))?;
             if info_field(&info, "cluster_state") != Some("ok")
                 || info_field(&info, "cluster_slots_ok") != Some("16384")
@@ -627,7 +879,7 @@ impl TestCluster {
     /// CLUSTER NODES as a live node sees it.
     fn view(&self) -> Vec<NodeLine> {
         for node in self.nodes.iter().filter(|n| n.child.is_some()) {
-            if let Some(mut raw) = try_connect(node.port)
+            if let Some(mut raw) = self.security.try_connect(node.port)
                 && let Ok(text) = bulk_text(&raw.cmd(&["CLUSTER", "NODES"]))
             {
                 return parse_nodes(&text).expect("a well-formed CLUSTER NODES");
@@ -704,9 +956,35 @@ impl TestCluster {
             .unwrap_or_else(|| panic!("no master owns slot {slot}"))
     }
 
-    /// A raw client straight to the node on `port`.
+    /// A raw client straight to the node on `port`, logged in when the
+    /// cluster has a password. Plain TCP only: a TLS cluster's nodes need
+    /// `client`.
     pub fn direct(&self, port: u16) -> Raw {
-        Raw::connect(port)
+        assert!(
+            self.security.certs.is_none(),
+            "the nodes of a TLS cluster speak TLS only: use TestCluster::client"
+        );
+        let mut raw = Raw::connect(port);
+        if let Some(args) = self.security.auth_args() {
+            expect_ok(raw.cmd(&args), "AUTH");
+        }
+        raw
+    }
+
+    /// A client straight to the node on `port`, over TLS for a TLS
+    /// cluster, logged in when the cluster has a password.
+    pub fn client(&self, port: u16) -> NodeClient {
+        self.security.connect(port)
+    }
+
+    /// The directory of a TLS cluster's certificates (`ca.crt`,
+    /// `redis.crt`, `client.crt`, ... from `certs/gen-certs.sh`).
+    pub fn certs(&self) -> &Path {
+        self.security
+            .certs
+            .as_ref()
+            .expect("a TLS cluster (ClusterOptions::tls)")
+            .path()
     }
 
     /// SIGKILLs the node on `port`, first noting the slots and replicas it
@@ -783,7 +1061,7 @@ impl TestCluster {
     /// slot it no longer has.
     pub fn begin_migration(&self, slot: u16, from_port: u16, to_port: u16) {
         let slot = slot.to_string();
-        let reply = self.direct(to_port).cmd(&[
+        let reply = self.client(to_port).cmd(&[
             "CLUSTER",
             "SETSLOT",
             &slot,
@@ -791,7 +1069,7 @@ impl TestCluster {
             self.node_id(from_port),
         ]);
         expect_ok(reply, "CLUSTER SETSLOT IMPORTING");
-        let reply = self.direct(from_port).cmd(&[
+        let reply = self.client(from_port).cmd(&[
             "CLUSTER",
             "SETSLOT",
             &slot,
@@ -804,7 +1082,7 @@ impl TestCluster {
     /// Step 2: MIGRATEs the slot's keys from the source to the target in
     /// batches until the source has none left.
     pub fn migrate_keys(&self, slot: u16, from_port: u16, to_port: u16) {
-        let mut source = self.direct(from_port);
+        let mut source = self.client(from_port);
         let (slot, to) = (slot.to_string(), to_port.to_string());
         loop {
             let reply = source.cmd(&["CLUSTER", "GETKEYSINSLOT", &slot, "100"]);
@@ -813,7 +1091,14 @@ impl TestCluster {
                 return;
             }
             let mut args: Vec<&[u8]> = vec![b"MIGRATE", b"127.0.0.1", to.as_bytes()];
-            args.extend([&b""[..], b"0", b"5000", b"KEYS"]);
+            args.extend([&b""[..], b"0", b"5000"]);
+            // The target wants the same login (MIGRATE speaks TLS by
+            // itself when the cluster bus does).
+            if let Some(auth) = self.security.auth_args() {
+                args.push(if auth.len() == 3 { b"AUTH2" } else { b"AUTH" });
+                args.extend(auth[1..].iter().map(|a| a.as_bytes()));
+            }
+            args.push(b"KEYS");
             args.extend(keys.iter().map(Vec::as_slice));
             source.send_bytes(&encode_bytes(&args));
             expect_ok(source.reply(), "MIGRATE");
@@ -829,7 +1114,7 @@ impl TestCluster {
         let slot_arg = slot.to_string();
         let set = |port: u16| {
             let reply = self
-                .direct(port)
+                .client(port)
                 .cmd(&["CLUSTER", "SETSLOT", &slot_arg, "NODE", &to_id]);
             expect_ok(reply, "CLUSTER SETSLOT NODE");
         };
@@ -841,7 +1126,10 @@ impl TestCluster {
         }
         self.wait_until("every node to see the slot moved", SETTLE_TIMEOUT, || {
             for node in self.nodes.iter().filter(|n| n.child.is_some()) {
-                let mut raw = try_connect(node.port).ok_or("a node is unreachable")?;
+                let mut raw = self
+                    .security
+                    .try_connect(node.port)
+                    .ok_or("a node is unreachable")?;
                 let view = parse_nodes(&bulk_text(&raw.cmd(&["CLUSTER", "NODES"]))?)?;
                 if !view.iter().any(|l| l.id == to_id && l.owns(slot)) {
                     return Err(format!("{} does not see {slot} moved", node.port));
@@ -863,10 +1151,43 @@ impl TestCluster {
     /// `config_toml_with`: `server_extra` in `[server]`, `encryption` as
     /// the body of `[encryption]`, and every node as a seed.
     pub fn proxy_toml(&self, users: &[User], server_extra: &str, encryption: &str) -> String {
-        let nodes: Vec<String> = self.seeds().iter().map(|s| format!("\"{s}\"")).collect();
+        self.proxy_toml_with_seeds(&self.seeds(), users, server_extra, encryption)
+    }
+
+    /// `proxy_toml` with only `seeds` (`host:port` each) as seed nodes.
+    /// For a secured cluster `[upstream]` has the cluster's `password`
+    /// (and `username`), and a TLS cluster adds `[upstream.tls]` with its
+    /// CA and the development client certificate (`client.crt`, which
+    /// the nodes accept as signed by that CA).
+    pub fn proxy_toml_with_seeds(
+        &self,
+        seeds: &[String],
+        users: &[User],
+        server_extra: &str,
+        encryption: &str,
+    ) -> String {
+        let nodes: Vec<String> = seeds.iter().map(|s| format!("\"{s}\"")).collect();
+        let mut upstream = String::new();
+        let options = &self.security.options;
+        if let Some(user) = &options.username {
+            upstream.push_str(&format!("username = {user:?}\n"));
+        }
+        if let Some(password) = &options.password {
+            upstream.push_str(&format!("password = {password:?}\n"));
+        }
+        if self.security.certs.is_some() {
+            let certs = self.certs();
+            upstream.push_str(&format!(
+                "[upstream.tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+                certs.join("ca.crt"),
+                certs.join("client.crt"),
+                certs.join("client.key"),
+            ));
+        }
         let mut toml = format!(
             "[server]\nlisten = \"127.0.0.1:0\"\n{server_extra}\n\
              [upstream]\nmode = \"cluster\"\nnodes = [{}]\nconnect_timeout_ms = 1000\n\
+             {upstream}\
              [encryption]\n{encryption}\n\
              [audit]\nenabled = false\n",
             nodes.join(", ")
