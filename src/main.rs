@@ -250,7 +250,8 @@ async fn run(path: PathBuf, settings: Settings) -> anyhow::Result<()> {
                     "cluster slot map learned"
                 );
             } else {
-                warn!("no seed node answered CLUSTER SLOTS; retrying in the background");
+                let why = cluster.unavailable_reason().unwrap_or_default();
+                warn!(error = %why, "no seed node answered CLUSTER SLOTS; retrying in the background");
             }
             tokio::spawn(Arc::clone(&cluster).keep_fresh());
             Some(cluster)

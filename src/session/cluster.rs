@@ -72,7 +72,11 @@ impl Session {
         };
         let Some(wanted) = wanted else {
             cluster.request_refresh();
-            self.refuse("CLUSTERDOWN Hash slot not served");
+            match cluster.unavailable_reason() {
+                Some(why) if map.is_empty() => self
+                    .refuse(&format!("ERR upstream unavailable: {why}").replace(['\r', '\n'], " ")),
+                _ => self.refuse("CLUSTERDOWN Hash slot not served"),
+            }
             return false;
         };
         if self.link.is_some() {

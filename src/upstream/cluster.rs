@@ -164,6 +164,8 @@ pub struct Cluster {
     refresh_wanted: Notify,
     /// Counts completed refreshes, so waiters can tell a new map came.
     refreshes: AtomicU64,
+    /// Why the last refresh failed, if it did; no secret, no address.
+    last_failure: std::sync::Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -185,6 +187,7 @@ impl Cluster {
             map: RwLock::new(Arc::new(SlotMap::default())),
             refresh_wanted: Notify::new(),
             refreshes: AtomicU64::new(0),
+            last_failure: std::sync::Mutex::new(None),
         })
     }
 
@@ -238,38 +241,56 @@ impl Cluster {
                 candidates.push(seed.clone());
             }
         }
+        let mut failure = String::from("no cluster node is configured");
         for address in candidates {
             match self.ask_slots(&address).await {
-                Some(map) if !map.is_empty() => {
+                Ok(map) if !map.is_empty() => {
                     let masters = map.masters().len();
                     *self.map.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(map);
                     self.refreshes.fetch_add(1, Ordering::AcqRel);
+                    *self.failure() = None;
                     debug!(masters, "cluster slot map learned");
                     return true;
                 }
-                _ => continue,
+                Ok(_) => failure = "the cluster serves no slot".to_owned(),
+                Err(why) => failure = why,
             }
         }
+        debug!(error = %failure, "no cluster node answered CLUSTER SLOTS");
+        *self.failure() = Some(failure);
         false
     }
 
-    async fn ask_slots(&self, address: &str) -> Option<SlotMap> {
+    /// Why the slot map could not be learned, while it can't.
+    pub fn unavailable_reason(&self) -> Option<String> {
+        self.failure().clone()
+    }
+
+    fn failure(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        self.last_failure
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn ask_slots(&self, address: &str) -> Result<SlotMap, String> {
         let attempt = async {
             let mut client = DirectClient::connect(&self.connector_for(address))
                 .await
-                .ok()?
+                .map_err(|e| e.to_string())?
                 .with_timeout(REFRESH_TIMEOUT);
-            let reply = client.call(&[b"CLUSTER", b"SLOTS"]).await.ok()?;
+            let reply = client
+                .call(&[b"CLUSTER", b"SLOTS"])
+                .await
+                .map_err(|e| e.to_string())?;
             if let Some(text) = reply.error_text() {
-                warn!(error = %text, "a cluster node refused CLUSTER SLOTS");
-                return None;
+                return Err(format!("a node refused CLUSTER SLOTS: {text}"));
             }
             SlotMap::from_cluster_slots(reply, address)
+                .ok_or_else(|| "a node answered CLUSTER SLOTS with something else".to_owned())
         };
         tokio::time::timeout(REFRESH_TIMEOUT * 2, attempt)
             .await
-            .ok()
-            .flatten()
+            .unwrap_or_else(|_| Err("CLUSTER SLOTS timed out".to_owned()))
     }
 
     /// Keeps the map fresh for as long as the proxy runs: on request, at
@@ -285,7 +306,8 @@ impl Cluster {
                     "cluster slot map learned"
                 );
             } else if !learned && known {
-                warn!("no cluster node answered CLUSTER SLOTS; keeping the last slot map");
+                let why = self.unavailable_reason().unwrap_or_default();
+                warn!(error = %why, "no cluster node answered CLUSTER SLOTS; keeping the last slot map");
             }
             known = learned || known;
             tokio::time::sleep(REFRESH_SPACING).await;

@@ -283,7 +283,11 @@ impl Router {
         };
         let Some(address) = address else {
             self.cluster.request_refresh();
-            return self.retry_later(ticket, b"-CLUSTERDOWN Hash slot not served\r\n");
+            let error = match self.cluster.unavailable_reason() {
+                Some(why) if map.is_empty() => unavailable(&why),
+                _ => b"-CLUSTERDOWN Hash slot not served\r\n".to_vec(),
+            };
+            return self.retry_later(ticket, &error);
         };
         let asking = matches!(part.target, Target::Asked(_));
         let request = part.request.clone();
@@ -474,6 +478,12 @@ impl Router {
             let _ = sink.send(Delivery::Replies(out.freeze()));
         }
     }
+}
+
+/// The error reply while no slot map could be learned: why, on one line.
+fn unavailable(why: &str) -> Vec<u8> {
+    let why = why.replace(['\r', '\n'], " ");
+    format!("-ERR upstream unavailable: {why}\r\n").into_bytes()
 }
 
 /// The error reply for a part whose connection failed after it was sent.
