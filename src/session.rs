@@ -175,19 +175,24 @@ impl Shared {
 
     /// Links to every server that holds keys: the upstream, or each master
     /// of the cluster.
-    fn key_holders(&self) -> Vec<Connector> {
+    fn key_holders(&self) -> Result<Vec<Connector>, UpstreamError> {
         match &self.cluster {
-            Some(cluster) => cluster.master_connectors(),
-            None => vec![self.upstream.clone()],
+            Some(cluster) => {
+                let masters = cluster.master_connectors();
+                if masters.is_empty() {
+                    cluster.request_refresh();
+                    return Err(UpstreamError::NoSlotMap);
+                }
+                Ok(masters)
+            }
+            None => Ok(vec![self.upstream.clone()]),
         }
     }
 
     /// A link to any one server, for questions about the server itself.
-    fn any_server(&self) -> Connector {
-        self.key_holders()
-            .into_iter()
-            .next()
-            .unwrap_or_else(|| self.upstream.clone())
+    fn any_server(&self) -> Result<Connector, UpstreamError> {
+        let holders = self.key_holders()?;
+        holders.into_iter().next().ok_or(UpstreamError::NoSlotMap)
     }
 
     /// Sets which projects may run scripts (`EVAL`, `FCALL` and their

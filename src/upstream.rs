@@ -55,6 +55,9 @@ pub enum UpstreamError {
     /// connector, not sent to clients.
     #[error("the tls handshake with the upstream failed")]
     Tls,
+    /// Cluster mode, before any node has told the proxy its slot map.
+    #[error("no cluster node has answered CLUSTER SLOTS yet")]
+    NoSlotMap,
 }
 
 /// Opens authenticated links to one upstream Redis.

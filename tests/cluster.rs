@@ -150,6 +150,15 @@ fn multi_key_commands_are_split_across_nodes_and_merged() {
     );
     assert_eq!(proxy.login(&ADMIN).cmd(&["DBSIZE"]), b":0\r\n");
 
+    // An MSET missing its last value is refused whole, not partly run
+    // (Redis Cluster itself answers CROSSSLOT before MSET counts them).
+    assert!(
+        alice
+            .cmd(&["MSET", &keys[0], "1", &keys[1], "2", &keys[2]])
+            .starts_with(b"-CROSSSLOT")
+    );
+    assert_eq!(alice.cmd(&["EXISTS", &keys[0], &keys[1]]), b":0\r\n");
+
     // Pipelined, the split replies still come back in request order.
     let mut pipeline = Vec::new();
     for (i, key) in keys.iter().enumerate() {
@@ -243,6 +252,17 @@ fn keyspace_commands_cover_every_master_inside_the_project() {
     for i in 0..25 {
         assert_eq!(bob.cmd(&["SET", &format!("bob:{i}"), "b"]), b"+OK\r\n");
     }
+    // Bob reaches none of Alice's keys, on whichever node they live.
+    for key in &keys {
+        assert_eq!(bob.cmd(&["GET", key]), b"$-1\r\n", "{key}");
+    }
+    let mut mget = vec!["MGET"];
+    mget.extend(keys.iter().map(String::as_str));
+    let nulls = bob.cmd(&mget);
+    assert_eq!(
+        nulls.windows(5).filter(|w| w == b"$-1\r\n").count(),
+        keys.len()
+    );
     // Every master holds some of them.
     for master in cluster.masters() {
         let count = cluster.direct(master).cmd(&["DBSIZE"]);

@@ -40,6 +40,9 @@ impl Session {
     /// The node need of a forwarded request, from its keys' slots once
     /// namespaced.
     pub(super) fn node_need(&self, spec: &CommandSpec, args: &[Bytes]) -> NodeNeed {
+        if self.shared.cluster.is_none() {
+            return NodeNeed::Any;
+        }
         let mut keys = Vec::new();
         command::key_indexes(spec, args, &mut keys);
         same_slot(keys.iter().map(|&k| self.namespace.key(&args[k])))
@@ -48,6 +51,9 @@ impl Session {
     /// The node need of (un)subscribing: shard channels live on the node of
     /// their slot; other channels reach every node.
     pub(super) fn channel_need(&self, kind: Channels, names: &[Bytes]) -> NodeNeed {
+        if self.shared.cluster.is_none() {
+            return NodeNeed::Any;
+        }
         match kind {
             Channels::Shard => same_slot(
                 names

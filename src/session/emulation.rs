@@ -93,7 +93,7 @@ impl Session {
     /// master in cluster mode).
     async fn run_emulation(&mut self, emulation: Emulation) -> Result<(), DirectError> {
         let pattern = self.namespace.pattern(b"*");
-        for holder in self.shared.key_holders() {
+        for holder in self.shared.key_holders()? {
             let mut client = DirectClient::connect(&holder)
                 .await
                 .map_err(DirectError::Upstream)?;
@@ -345,7 +345,7 @@ impl Session {
         }
         let pattern = self.namespace.pattern(b"*");
         let mut count = 0;
-        for holder in self.shared.key_holders() {
+        for holder in self.shared.key_holders()? {
             let mut client = DirectClient::connect(&holder)
                 .await
                 .map_err(DirectError::Upstream)?;
@@ -368,7 +368,7 @@ async fn upstream_facts(shared: Arc<Shared>) -> Result<Arc<UpstreamFacts>, Direc
     shared
         .upstream_facts
         .get_or_try_init(|| async {
-            let mut client = DirectClient::connect(&shared.any_server())
+            let mut client = DirectClient::connect(&shared.any_server()?)
                 .await
                 .map_err(DirectError::Upstream)?;
             let reply = client.call(&[b"INFO", b"server"]).await?;

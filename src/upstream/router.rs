@@ -338,6 +338,11 @@ impl Router {
                 bytes: batch.bytes.freeze(),
                 tickets: batch.tickets,
             };
+            // A node's task ends when its connection closes (Redis closes
+            // idle clients after its `timeout`): start another.
+            if self.nodes.get(&address).is_some_and(|tx| tx.is_closed()) {
+                self.nodes.remove(&address);
+            }
             let sender = self.nodes.entry(Arc::clone(&address)).or_insert_with(|| {
                 let (tx, rx) = mpsc::unbounded_channel();
                 let node = NodeTask {
@@ -596,6 +601,9 @@ fn plan_entry(request: &Bytes, cluster: &Cluster, sink: ReplySink) -> Entry {
         return single(Target::Slot(first_slot));
     }
     match split_kind(name) {
+        // An `MSET` without a value for its last key is sent whole, for
+        // the node to refuse, rather than split and partly run.
+        Some(Merge::AllOk) if args.len() % 2 == 0 => single(Target::Slot(first_slot)),
         Some(merge) => split_entry(&args, &keys, merge, sink.clone()),
         None => ready(CROSSSLOT),
     }
