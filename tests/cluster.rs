@@ -428,11 +428,7 @@ fn a_slot_migrated_under_load_is_followed_through_ask_then_moved() {
     }
     let slot = TestCluster::slot_of(b"moving");
     let from = cluster.owner_of_slot(slot);
-    let to = *cluster
-        .masters()
-        .iter()
-        .find(|&&m| m != from)
-        .expect("another master");
+    let to = cluster.another_master(from);
 
     // A client keeps incrementing every key while the slot moves.
     let stop = Arc::new(AtomicBool::new(false));
@@ -587,11 +583,7 @@ fn sealed_values_open_after_resharding_and_stay_apart_between_projects() {
     for shard in 0..5 {
         let slot = TestCluster::slot_of(format!("shard{shard}").as_bytes());
         let from = cluster.owner_of_slot(slot);
-        let to = *cluster
-            .masters()
-            .iter()
-            .find(|&&m| m != from)
-            .expect("another master");
+        let to = cluster.another_master(from);
         cluster.migrate_slot(slot, from, to);
     }
     for key in &keys {

@@ -75,10 +75,7 @@ fn three_masters_with_replicas_agree_with_redis() {
     let key = "harness:migrating";
     let slot = TestCluster::slot_of(key.as_bytes());
     let from = cluster.owner_of_slot(slot);
-    let to = *masters
-        .iter()
-        .find(|&&m| m != from)
-        .expect("another master");
+    let to = cluster.another_master(from);
     assert_eq!(cluster.direct(from).cmd(&["SET", key, "v1"]), b"+OK\r\n");
     let moved_to = |port: u16| format!("-MOVED {slot} 127.0.0.1:{port}\r\n").into_bytes();
     assert_eq!(cluster.direct(to).cmd(&["GET", key]), moved_to(from));

@@ -209,11 +209,7 @@ fn a_slot_moved_between_secured_nodes_is_followed() {
     let stored = format!("{}{key}", upstream_prefix(ALICE.project));
     let slot = TestCluster::slot_of(stored.as_bytes());
     let from = cluster.owner_of_slot(slot);
-    let to = *cluster
-        .masters()
-        .iter()
-        .find(|&&m| m != from)
-        .expect("another master");
+    let to = cluster.another_master(from);
     assert_eq!(alice.cmd(&["SET", key, "before"]), b"+OK\r\n");
 
     // MIGRATE logs in to the target with AUTH2, over TLS.

@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::{Pending, Session, Shared};
 use crate::direct::{DirectClient, DirectError, Reply};
 use crate::frame::{self, ProtocolError};
-use crate::upstream::{UpstreamError, slot};
+use crate::upstream::{Connector, UpstreamError, slot};
 
 /// Deletes keys found by `SCAN`, `BATCH` per request. A cluster node
 /// refuses a multi-key request whose keys span slots, so each request
@@ -92,28 +92,17 @@ impl Session {
     /// Walks the project's keys on every server that holds keys (each
     /// master in cluster mode).
     async fn run_emulation(&mut self, emulation: Emulation) -> Result<(), DirectError> {
-        let pattern = self.namespace.pattern(b"*");
-        for holder in self.shared.key_holders()? {
-            let mut client = DirectClient::connect(&holder)
-                .await
-                .map_err(DirectError::Upstream)?;
-            let mut cursor = Bytes::from_static(b"0");
-            loop {
-                let (next, keys) = scan(&mut client, &cursor, &pattern).await?;
-                match emulation {
-                    Emulation::Flush { lazy } => delete(&mut client, keys, lazy).await?,
-                    Emulation::RandomKey => {
-                        if let Some(key) = pick(&keys) {
-                            let key = self.namespace.strip(key).unwrap_or_default();
-                            self.reply_local(|w, out| w.bulk(out, &key));
-                            return Ok(());
-                        }
+        let mut walk = KeyWalk::new(self.shared.key_holders()?, self.namespace.pattern(b"*"));
+        while let Some((client, keys)) = walk.next_batch().await? {
+            match emulation {
+                Emulation::Flush { lazy } => delete(client, keys, lazy).await?,
+                Emulation::RandomKey => {
+                    if let Some(key) = pick(&keys) {
+                        let key = self.namespace.strip(key).unwrap_or_default();
+                        self.reply_local(|w, out| w.bulk(out, &key));
+                        return Ok(());
                     }
                 }
-                if next.as_ref() == b"0" {
-                    break;
-                }
-                cursor = next;
             }
         }
         match emulation {
@@ -343,23 +332,62 @@ impl Session {
         if !self.drain().await {
             return Err(DirectError::Broken);
         }
-        let pattern = self.namespace.pattern(b"*");
+        let mut walk = KeyWalk::new(self.shared.key_holders()?, self.namespace.pattern(b"*"));
         let mut count = 0;
-        for holder in self.shared.key_holders()? {
-            let mut client = DirectClient::connect(&holder)
-                .await
-                .map_err(DirectError::Upstream)?;
-            let mut cursor = Bytes::from_static(b"0");
-            loop {
-                let (next, keys) = scan(&mut client, &cursor, &pattern).await?;
-                count += keys.len() as i64;
-                if next.as_ref() == b"0" {
-                    break;
-                }
-                cursor = next;
-            }
+        while let Some((_, keys)) = walk.next_batch().await? {
+            count += keys.len() as i64;
         }
         Ok(count)
+    }
+}
+
+/// `SCAN … MATCH pattern` over several servers in turn, a batch at a time.
+struct KeyWalk {
+    servers: std::vec::IntoIter<Connector>,
+    /// The link to the server being walked.
+    client: Option<DirectClient>,
+    /// Where its walk stands; `None` before its first `SCAN`.
+    cursor: Option<Bytes>,
+    pattern: Bytes,
+}
+
+impl KeyWalk {
+    fn new(servers: Vec<Connector>, pattern: Bytes) -> KeyWalk {
+        KeyWalk {
+            servers: servers.into_iter(),
+            client: None,
+            cursor: None,
+            pattern,
+        }
+    }
+
+    /// The next batch of keys (possibly empty), with the link to the server
+    /// that holds them; `None` once every server has been walked.
+    async fn next_batch(&mut self) -> Result<Option<(&mut DirectClient, Vec<Bytes>)>, DirectError> {
+        // A server is done when its cursor comes back to 0.
+        if self.cursor.as_deref() == Some(b"0") {
+            self.client = None;
+            self.cursor = None;
+        }
+        if self.client.is_none() {
+            let Some(server) = self.servers.next() else {
+                return Ok(None);
+            };
+            let client = DirectClient::connect(&server)
+                .await
+                .map_err(DirectError::Upstream)?;
+            self.client = Some(client);
+        }
+        let Some(client) = self.client.as_mut() else {
+            return Ok(None);
+        };
+        let cursor = self
+            .cursor
+            .take()
+            .unwrap_or_else(|| Bytes::from_static(b"0"));
+        let (next, keys) = scan(client, &cursor, &self.pattern).await?;
+        self.cursor = Some(next);
+        Ok(Some((client, keys)))
     }
 }
 

@@ -946,6 +946,14 @@ impl TestCluster {
         crc16(hash_tag(key)) % SLOTS
     }
 
+    /// A master other than `port`, to move a slot to.
+    pub fn another_master(&self, port: u16) -> u16 {
+        self.masters()
+            .into_iter()
+            .find(|&m| m != port)
+            .expect("the cluster has another master")
+    }
+
     /// The port of the master that owns `slot`, per a live node's CLUSTER
     /// NODES (a killed master still owns its slots until failover).
     pub fn owner_of_slot(&self, slot: u16) -> u16 {
