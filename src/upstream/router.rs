@@ -814,7 +814,7 @@ fn scan_reply(reply: &Bytes, node: usize, masters: usize, limits: &Limits) -> Op
     let [cursor, keys] = <[Bytes; 2]>::try_from(items).ok()?;
     let text = cursor.strip_prefix(b"$")?;
     let start = text.windows(2).position(|w| w == b"\r\n")? + 2;
-    let own: u64 = std::str::from_utf8(text.get(start..text.len() - 2)?)
+    let own: u64 = std::str::from_utf8(text.get(start..text.len().checked_sub(2)?)?)
         .ok()?
         .parse()
         .ok()?;
@@ -1052,6 +1052,41 @@ mod tests {
         );
         let last = scan_reply(&done, 2, 3, &limits()).expect("a reply");
         assert_eq!(&last[..], b"*2\r\n$1\r\n0\r\n*0\r\n");
+    }
+
+    proptest::proptest! {
+        /// Replies come from the network: whatever the nodes send, merging
+        /// gives some reply and never panics.
+        #[test]
+        fn merging_any_bytes_never_panics(
+            replies in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 0..40), 1..4),
+            node in 0usize..4,
+        ) {
+            let parts = || {
+                replies
+                    .iter()
+                    .map(|r| Part {
+                        reply: Some(Bytes::copy_from_slice(r)),
+                        ..part(Bytes::new(), Target::Any)
+                    })
+                    .collect::<Vec<_>>()
+            };
+            let positions = (0..replies.len()).map(|i| vec![i]).collect();
+            for kind in [
+                Merge::Single,
+                Merge::Sum,
+                Merge::AllOk,
+                Merge::Concat,
+                Merge::Values { positions, keys: replies.len() },
+                Merge::Scan { node, masters: 4 },
+            ] {
+                let merged = merge(kind, parts(), None, &limits());
+                proptest::prop_assert!(!merged.is_empty() || replies.iter().any(Vec::is_empty));
+            }
+            for reply in &replies {
+                let _ = redirection(reply);
+            }
+        }
     }
 
     #[test]
