@@ -135,6 +135,10 @@ impl Session {
     }
 
     /// Waits for every reply still owed on the own link, then closes it.
+    ///
+    /// Known shortcoming: while it waits (for a blocked `BLPOP … 0`, say)
+    /// the session does not read from its client, so a client that goes
+    /// away meanwhile is noticed only once the wait ends.
     async fn release_link(&mut self) -> bool {
         let owed = self.own_link_busy() || !self.up_out.is_empty();
         if owed && !self.drain().await {
