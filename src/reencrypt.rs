@@ -2,7 +2,9 @@
 //! under an old key to the current key while clients keep reading and
 //! writing.
 //!
-//! Each project's namespace is walked with `SCAN` over a `direct` link.
+//! Each project's namespace is walked with `SCAN` over a `direct` link to
+//! each server that holds keys: the upstream, or every master of a cluster
+//! (a key found on a master is rewritten there).
 //! Strings, hash field values and list elements under an old key are opened
 //! and sealed again by a `Sealer`, then written back with
 //! `WATCH`/`MULTI`/`EXEC`, so a concurrent write is never overwritten. A
@@ -12,6 +14,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::io::Write as _;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
@@ -23,7 +26,8 @@ use crate::direct::{DirectClient, Reply};
 use crate::keyring::{self, Keyring, KeyringFile};
 use crate::namespace::Namespace;
 use crate::sealer::Sealer;
-use crate::upstream::Connector;
+use crate::tls::UpstreamTls;
+use crate::upstream::{Cluster, Connector};
 
 /// Keys asked of each `SCAN` step: Redis's hint, not a limit.
 const SCAN_COUNT: &[u8] = b"500";
@@ -106,21 +110,19 @@ pub async fn run(
     project: Option<&str>,
     progress: bool,
 ) -> anyhow::Result<Summary> {
-    if settings.upstream.mode == UpstreamMode::Cluster {
-        // Walking a cluster needs a SCAN per master and a link per slot
-        // owner; the direct client speaks to one node only, so cluster
-        // deployments are refused rather than half covered.
-        bail!("reencrypt supports upstream.mode = \"single\" only, not cluster mode");
-    }
     let projects = projects_to_visit(settings, project)?;
     let scopes = scopes(settings, &projects);
 
+    let mut servers = key_holders(settings).await?.into_iter();
     let encryption = settings.encryption.clone();
     let keyring = tokio::task::spawn_blocking(move || keyring::load_configured(&encryption))
         .await
         .context("loading the keyring")??;
     let sealer = Sealer::new(keyring, settings.encryption.compression_threshold, false);
-    let client = DirectClient::connect(&Connector::new(&settings.upstream)).await?;
+    let Some(first) = servers.next() else {
+        bail!("the cluster serves no slot");
+    };
+    let client = DirectClient::connect(&first).await?;
 
     let mut walk = Walk {
         client,
@@ -131,13 +133,38 @@ pub async fn run(
         },
         progress: Progress::new(progress),
     };
-    let walked = walk.scopes(&scopes).await;
+    let mut walked = walk.scopes(&scopes).await;
+    for server in servers {
+        if walked.is_err() {
+            break;
+        }
+        walk.client = DirectClient::connect(&server).await?;
+        walked = walk.scopes(&scopes).await;
+    }
     walk.progress.finish();
     walked?;
 
     let mut summary = walk.summary;
     summary.retirement = retire(settings, sealer.keyring(), project.is_some(), &summary).await?;
     Ok(summary)
+}
+
+/// Links to every server that holds keys, with the upstream credentials
+/// and TLS: the upstream itself, or each master of the cluster.
+async fn key_holders(settings: &Settings) -> anyhow::Result<Vec<Connector>> {
+    let mut connector = Connector::new(&settings.upstream);
+    if let Some(tls) = UpstreamTls::from_settings(&settings.upstream).context("upstream.tls")? {
+        connector = connector.with_tls(Arc::new(tls));
+    }
+    if settings.upstream.mode == UpstreamMode::Single {
+        return Ok(vec![connector]);
+    }
+    let cluster = Cluster::new(connector, settings.upstream.nodes.clone());
+    if !cluster.refresh().await {
+        let why = cluster.unavailable_reason().unwrap_or_default();
+        bail!("the cluster's slot map could not be learned: {why}");
+    }
+    Ok(cluster.master_connectors())
 }
 
 impl fmt::Display for Summary {
@@ -869,14 +896,16 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn cluster_mode_is_refused_before_anything_is_touched() {
+    async fn a_cluster_without_a_slot_map_is_refused_before_anything_is_touched() {
         let mut settings = Settings::default();
         settings.upstream.mode = UpstreamMode::Cluster;
+        // Nothing listens on port 1.
+        settings.upstream.nodes = vec!["127.0.0.1:1".to_owned()];
         settings
             .projects
             .insert("billing".to_owned(), Default::default());
         let refused = run(&settings, None, false).await.unwrap_err();
-        assert!(refused.to_string().contains("cluster"), "{refused}");
+        assert!(refused.to_string().contains("slot map"), "{refused}");
     }
 
     #[test]

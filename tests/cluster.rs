@@ -626,3 +626,72 @@ fn a_lockout_shared_through_the_cluster_holds_on_every_proxy() {
     assert!(found[0].contains("redcloak:lockout:{"), "{found:?}");
     assert!(!found[0].contains("alice"), "{found:?}");
 }
+
+#[test]
+fn reencrypt_moves_values_on_every_master_to_the_current_key() {
+    let cluster = TestCluster::start(3, 0);
+    let dir = tempfile::tempdir().unwrap();
+    let keyring = dir.path().join("keyring.json");
+    redcloak::keyring::Keyring::generate(&keyring).unwrap();
+    let encryption = format!("enabled = true\nkeyring = \"{}\"\n", keyring.display());
+    let toml = cluster.proxy_toml(USERS, "", &encryption);
+    let config = common::write_file(dir.path(), "redcloak.toml", &toml);
+    let proxy = Proxy::start_toml(&toml);
+    let mut alice = proxy.login(&ALICE);
+    let keys = keys_on_several_masters(&cluster, 30);
+    for key in &keys {
+        assert_eq!(alice.cmd(&["SET", key, &format!("v-{key}")]), b"+OK\r\n");
+    }
+    assert_eq!(alice.cmd(&["HSET", "h", "f", "hv"]), b":1\r\n");
+    assert_eq!(alice.cmd(&["RPUSH", "l", "a", "b"]), b":2\r\n");
+    drop(proxy);
+
+    let rotated = redcloak::keyring::Keyring::rotate(&keyring).unwrap();
+    let current = rotated
+        .list()
+        .into_iter()
+        .find(|info| info.is_current)
+        .expect("a current key")
+        .id;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_redcloak"))
+        .arg("reencrypt")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("running redcloak reencrypt");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rewritten = keys.len() + 1 + 2;
+    assert!(
+        stdout.contains(&format!("{rewritten} values rewritten")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("marked retired"), "{stdout}");
+
+    // Every master's values now name the current key, and open.
+    let prefix = upstream_prefix(ALICE.project);
+    for key in &keys {
+        let master = holder(&cluster, ALICE.project, key);
+        let stored = cluster
+            .direct(master)
+            .cmd(&["GET", &format!("{prefix}{key}")]);
+        let named = stored
+            .windows(current.len())
+            .any(|w| w == current.as_bytes());
+        assert!(named, "{key} is sealed under the current key");
+    }
+    let proxy = Proxy::start_toml(&toml);
+    let mut alice = proxy.login(&ALICE);
+    for key in &keys {
+        assert_eq!(alice.cmd(&["GET", key]), bulk(&format!("v-{key}")));
+    }
+    assert_eq!(alice.cmd(&["HGET", "h", "f"]), bulk("hv"));
+    assert_eq!(
+        alice.cmd(&["LRANGE", "l", "0", "-1"]),
+        array(&[&bulk("a"), &bulk("b")])
+    );
+}
