@@ -388,3 +388,47 @@ fn a_verified_client_certificate_bound_to_a_user_logs_in_without_auth() {
         b"-NOAUTH Authentication required.\r\n"
     );
 }
+
+#[test]
+fn reencrypt_reaches_a_tls_only_redis() {
+    let certs = fresh_certs();
+    let redis = Redis::start_tls(certs.path(), &["--requirepass", "upstream-secret"]);
+    let dir = tempfile::tempdir().unwrap();
+    let keyring = dir.path().join("keyring.json");
+    redcloak::keyring::Keyring::generate(&keyring).unwrap();
+    let mut toml = common::config_toml_with(
+        redis.port,
+        USERS,
+        "",
+        &format!("enabled = true\nkeyring = \"{}\"\n", keyring.display()),
+    );
+    toml.push_str(&format!(
+        "\n[upstream.tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+        certs.path().join("ca.crt"),
+        certs.path().join("client.crt"),
+        certs.path().join("client.key"),
+    ));
+    let toml = toml.replace(
+        "connect_timeout_ms = 1000\n",
+        "connect_timeout_ms = 1000\npassword = \"upstream-secret\"\n",
+    );
+    let proxy = Proxy::start_toml(&toml);
+    let mut c = proxy.login(&ALICE);
+    assert_eq!(c.cmd(&["SET", "k", "v"]), b"+OK\r\n");
+    redcloak::keyring::Keyring::rotate(&keyring).unwrap();
+
+    let config = common::write_file(dir.path(), "redcloak.toml", &toml);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_redcloak"))
+        .arg("reencrypt")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .expect("running redcloak reencrypt");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("1 values rewritten"), "{stdout}");
+}
