@@ -13,7 +13,8 @@
 # 4096-byte values. Each repeat runs Redis directly and then every setup in
 # turn, so that noise on the machine hits all of them alike; the table shows
 # the median of the repeats, the ratio median(setup) / median(redis), and
-# whether the ratio meets its goal (see goal() below) where it has one.
+# whether the ratio meets its goal (see goal() below) where it has one, and
+# the CPU time per request of the proxy, redis-server and redis-benchmark.
 # Speed is measured here, never asserted in tests.
 #
 #   scripts/bench.sh [REQUESTS] [REPEATS]     (defaults: 100000, 3)
@@ -153,21 +154,36 @@ TOML
 }
 for s in "${setups[@]}"; do start_proxy "$s"; done
 
-# Prints "rps p50 p99" of one redis-benchmark run.
+# CPU ticks (user + system) of a process so far.
+cpu_ticks() {
+  sed 's/.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'
+}
+
+# Prints "rps p50 p99 proxy redis client" of one redis-benchmark run: the
+# last three are the CPU microseconds per request that the proxy (0 when
+# the run is direct), redis-server and redis-benchmark spent. On a machine
+# where the three share the cores, rps follows from their sum.
 bench_once() { # setup, test, clients, pipeline, size
-  local args=(-p "${port[$1]}") out
+  local args=(-p "${port[$1]}") out proxy0=0 proxy1=0 redis0 redis1 TIMEFORMAT='%U %S'
   [ "$1" != redis ] && args+=(-a bench-pw)
   [ "$1" = tls ] && args+=("${tls_args[@]}")
+  [ "$1" != redis ] && proxy0=$(cpu_ticks "${pid[$1]}")
+  redis0=$(cpu_ticks "$redis_pid")
+  { time redis-benchmark "${args[@]}" -t "$2" -c "$3" -P "$4" -d "$5" -n "$requests" \
+    -r 100000 --csv >"$work/benchmark.out" 2>"$work/benchmark.err"; } 2>"$work/benchmark.time" || true
+  [ "$1" != redis ] && proxy1=$(cpu_ticks "${pid[$1]}")
+  redis1=$(cpu_ticks "$redis_pid")
   # redis-benchmark's CSV: "test","rps","avg","min","p50","p95","p99","max".
-  out=$(redis-benchmark "${args[@]}" -t "$2" -c "$3" -P "$4" -d "$5" -n "$requests" \
-    -r 100000 --csv 2>"$work/benchmark.err" | tail -n 1 | tr -d '"' |
-    awk -F, '$2 + 0 > 0 { print $2, $5, $7 }') || true
+  out=$(tail -n 1 "$work/benchmark.out" | tr -d '"' | awk -F, '$2 + 0 > 0 { print $2, $5, $7 }')
   if [ -z "$out" ]; then
     echo "bench.sh: redis-benchmark against $1 failed:" >&2
     cat "$work/benchmark.err" >&2
     exit 1
   fi
-  echo "$out"
+  awk -v out="$out" -v n="$requests" -v hz="$(getconf CLK_TCK)" \
+    -v proxy=$((proxy1 - proxy0)) -v redis=$((redis1 - redis0)) -v client="$(cat "$work/benchmark.time")" \
+    'BEGIN { split(client, c, " "); us = 1e6 / n
+      printf "%s %.1f %.1f %.1f\n", out, proxy / hz * us, redis / hz * us, (c[1] + c[2]) * us }'
 }
 
 # Median of the numbers on standard input.
@@ -185,9 +201,11 @@ goal() { # setup, pipeline, size
   esac
 }
 
-row='%-22s %-8s %10s %8s %8s %6s  %s\n'
+# The *_us columns are CPU microseconds per request (see bench_once).
+row='%-22s %-8s %10s %8s %8s %6s  %-13s %8s %8s %9s\n'
 # shellcheck disable=SC2059 # the format is the one above
-printf "$row" scenario setup 'req/s' p50_ms p99_ms ratio target
+printf "$row" scenario setup 'req/s' p50_ms p99_ms ratio target proxy_us redis_us client_us
+
 met=0 goals=0
 mkdir "$work/runs"
 IFS=, read -r -a scenarios <<<"${BENCH_SCENARIOS:-50 1 100,50 16 100,50 1 4096}"
@@ -205,6 +223,11 @@ for scenario in "${scenarios[@]}"; do
       rps=$(cut -d' ' -f1 "$work/runs/$s" | median)
       p50=$(cut -d' ' -f2 "$work/runs/$s" | median)
       p99=$(cut -d' ' -f3 "$work/runs/$s" | median)
+      cpu=()
+      for field in 4 5 6; do
+        cpu+=("$(cut -d' ' -f"$field" "$work/runs/$s" | median | xargs printf '%.1f')")
+      done
+      [ "$s" = redis ] && cpu[0]=-
       rm "$work/runs/$s"
       [ "$s" = redis ] && base=$rps
       ratio=$(awk -v a="$rps" -v b="$base" 'BEGIN { printf "%.2f", a / b }')
@@ -219,7 +242,7 @@ for scenario in "${scenarios[@]}"; do
         fi
       fi
       # shellcheck disable=SC2059
-      printf "$row" "$name" "$s" "$(printf '%.0f' "$rps")" "$p50" "$p99" "$ratio" "$verdict" |
+      printf "$row" "$name" "$s" "$(printf '%.0f' "$rps")" "$p50" "$p99" "$ratio" "$verdict" "${cpu[@]}" |
         sed 's/ *$//'
       name=""
     done
