@@ -7,6 +7,9 @@
 #   tls      TLS listener, keys namespaced, values sealed
 #   audited  as sealed, plus an access event per command in the audit log
 #            (only with BENCH_AUDITED=1)
+#   twemproxy  twemproxy (Debian's nutcracker) in front of the same Redis, a
+#            plain L4-style Redis proxy for reference (only with
+#            BENCH_TWEMPROXY=1; it is installed when missing)
 #
 # and runs redis-benchmark for SET and GET at 50 clients with pipeline 1 and
 # 100-byte values, pipeline 16 and 100-byte values, and pipeline 1 and
@@ -34,6 +37,7 @@ cd "$(dirname "$0")/.."
 requests=${1:-100000}
 repeats=${2:-3}
 audited=${BENCH_AUDITED:-0}
+twemproxy=${BENCH_TWEMPROXY:-0}
 if ! [[ "$requests" =~ ^[1-9][0-9]*$ && "$repeats" =~ ^[1-9][0-9]*$ && "${BENCH_WORKERS:-0}" =~ ^[0-9]+$ ]]; then
   echo "usage: [BENCH_AUDITED=1] scripts/bench.sh [REQUESTS] [REPEATS]" >&2
   exit 2
@@ -45,6 +49,11 @@ bin="${CARGO_TARGET_DIR:-target}/release/redcloak"
 
 setups=(plain sealed tls)
 [ "$audited" = 1 ] && setups+=(audited)
+if [ "$twemproxy" = 1 ]; then
+  setups+=(twemproxy)
+  command -v nutcracker >/dev/null ||
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q nutcracker >/dev/null
+fi
 
 work=$(mktemp -d)
 pids=()
@@ -83,6 +92,7 @@ commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 git diff --quiet HEAD -- 2>/dev/null || commit+=" (with uncommitted changes)"
 cmdline="scripts/bench.sh $requests $repeats"
 [ "$audited" = 1 ] && cmdline="BENCH_AUDITED=1 $cmdline"
+[ "$twemproxy" = 1 ] && cmdline="BENCH_TWEMPROXY=1 $cmdline"
 [ -n "${BENCH_WORKERS:-}" ] && cmdline="BENCH_WORKERS=$BENCH_WORKERS $cmdline"
 [ -n "${BENCH_TESTS:-}" ] && cmdline="BENCH_TESTS=\"$BENCH_TESTS\" $cmdline"
 [ -n "${BENCH_SCENARIOS:-}" ] && cmdline="BENCH_SCENARIOS=\"$BENCH_SCENARIOS\" $cmdline"
@@ -152,7 +162,28 @@ TOML
   port[$1]=$p
   wait_until "${pid[$1]}" "$work/$1.log" proxy_answers "$p" "${check[@]}"
 }
-for s in "${setups[@]}"; do start_proxy "$s"; done
+# twemproxy, with one pool of the one Redis; it has no AUTH of its own.
+start_twemproxy() {
+  local p
+  p=$(free_port)
+  cat >"$work/twemproxy.yml" <<YAML
+bench:
+  listen: 127.0.0.1:$p
+  redis: true
+  hash: fnv1a_64
+  distribution: ketama
+  servers:
+    - 127.0.0.1:$redis_port:1
+YAML
+  nutcracker -c "$work/twemproxy.yml" -s "$(free_port)" -o "$work/twemproxy.log" &
+  pid[twemproxy]=$!
+  pids+=("${pid[twemproxy]}")
+  port[twemproxy]=$p
+  wait_until "${pid[twemproxy]}" "$work/twemproxy.log" redis_answers "$p"
+}
+for s in "${setups[@]}"; do
+  if [ "$s" = twemproxy ]; then start_twemproxy; else start_proxy "$s"; fi
+done
 
 # CPU ticks (user + system) of a process so far.
 cpu_ticks() {
@@ -165,7 +196,7 @@ cpu_ticks() {
 # where the three share the cores, rps follows from their sum.
 bench_once() { # setup, test, clients, pipeline, size
   local args=(-p "${port[$1]}") out proxy0=0 proxy1=0 redis0 redis1 TIMEFORMAT='%U %S'
-  [ "$1" != redis ] && args+=(-a bench-pw)
+  [ "$1" != redis ] && [ "$1" != twemproxy ] && args+=(-a bench-pw)
   [ "$1" = tls ] && args+=("${tls_args[@]}")
   [ "$1" != redis ] && proxy0=$(cpu_ticks "${pid[$1]}")
   redis0=$(cpu_ticks "$redis_pid")
