@@ -139,6 +139,35 @@ struct Entry {
     unanswered: usize,
 }
 
+impl Entry {
+    /// An entry waiting for every one of `parts`.
+    fn new(sink: ReplySink, merge: Merge, parts: Vec<Part>) -> Entry {
+        Entry {
+            sink,
+            merge,
+            unanswered: parts.len(),
+            parts,
+            ready: None,
+        }
+    }
+
+    /// A request of one part, sent as it is.
+    fn single(sink: ReplySink, request: Bytes, target: Target) -> Entry {
+        Entry::new(sink, Merge::Single, vec![part(request, target)])
+    }
+
+    /// A request the router answers itself, without sending it.
+    fn answered(sink: ReplySink, reply: &'static [u8]) -> Entry {
+        Entry {
+            sink,
+            merge: Merge::Single,
+            parts: Vec::new(),
+            ready: Some(Bytes::from_static(reply)),
+            unanswered: 0,
+        }
+    }
+}
+
 /// Which part a reply from a node belongs to.
 #[derive(Clone, Copy, Debug)]
 struct Ticket {
@@ -191,7 +220,9 @@ struct Router {
 
 /// A batch handed to a node's task.
 struct FinishedBatch {
-    bytes: Bytes,
+    /// Kept mutable so that the node's task can adopt the buffer as its
+    /// output instead of copying it.
+    bytes: BytesMut,
     tickets: Vec<Ticket>,
 }
 
@@ -335,7 +366,7 @@ impl Router {
     fn send_outbox(&mut self) {
         for (address, batch) in std::mem::take(&mut self.outbox) {
             let finished = FinishedBatch {
-                bytes: batch.bytes.freeze(),
+                bytes: batch.bytes,
                 tickets: batch.tickets,
             };
             // A node's task ends when its connection closes (Redis closes
@@ -460,7 +491,7 @@ impl Router {
     /// Sends the replies of the finished entries at the front, each
     /// session's run of them as one delivery.
     fn release(&mut self) {
-        let mut run: Option<(ReplySink, BytesMut)> = None;
+        let mut run: Option<(ReplySink, Vec<Bytes>)> = None;
         while self.entries.front().is_some_and(|e| e.unanswered == 0) {
             let Some(entry) = self.entries.pop_front() else {
                 break;
@@ -468,21 +499,35 @@ impl Router {
             self.first_seq += 1;
             let reply = merge(entry.merge, entry.parts, entry.ready, &self.limits);
             match &mut run {
-                Some((sink, out)) if sink.same_channel(&entry.sink) => {
-                    out.extend_from_slice(&reply)
-                }
+                Some((sink, replies)) if sink.same_channel(&entry.sink) => replies.push(reply),
                 _ => {
-                    if let Some((sink, out)) = run.take() {
-                        let _ = sink.send(Delivery::Replies(out.freeze()));
+                    if let Some((sink, replies)) = run.replace((entry.sink, vec![reply])) {
+                        deliver(&sink, replies);
                     }
-                    run = Some((entry.sink, BytesMut::from(&reply[..])));
                 }
             }
         }
-        if let Some((sink, out)) = run {
-            let _ = sink.send(Delivery::Replies(out.freeze()));
+        if let Some((sink, replies)) = run {
+            deliver(&sink, replies);
         }
     }
+}
+
+/// Hands a session its run of replies as one delivery; a run of one is
+/// passed on as it is, without a copy.
+fn deliver(sink: &ReplySink, replies: Vec<Bytes>) {
+    let joined = match <[Bytes; 1]>::try_from(replies) {
+        Ok([reply]) => reply,
+        Err(replies) => {
+            let mut out = BytesMut::with_capacity(replies.iter().map(Bytes::len).sum());
+            for reply in &replies {
+                out.extend_from_slice(reply);
+            }
+            out.freeze()
+        }
+    };
+    // A session that has gone away no longer wants its replies.
+    let _ = sink.send(Delivery::Replies(joined));
 }
 
 /// The error reply while no slot map could be learned: why, on one line.
@@ -545,41 +590,24 @@ fn split_kind(name: &[u8]) -> Option<Merge> {
 /// Turns one rewritten request into an entry: its parts, their targets,
 /// and how to merge them.
 fn plan_entry(request: &Bytes, cluster: &Cluster, sink: ReplySink) -> Entry {
-    let ready = |reply: &'static [u8]| Entry {
-        sink: sink.clone(),
-        merge: Merge::Single,
-        parts: Vec::new(),
-        ready: Some(Bytes::from_static(reply)),
-        unanswered: 0,
-    };
+    const UNROUTABLE: &[u8] = b"-ERR redcloak could not route the request\r\n";
     let Ok(args) = frame::decode_request(request) else {
-        return ready(b"-ERR redcloak could not route the request\r\n");
+        return Entry::answered(sink, UNROUTABLE);
     };
     let Some(name) = args.first() else {
-        return ready(b"-ERR redcloak could not route the request\r\n");
+        return Entry::answered(sink, UNROUTABLE);
     };
-    let single = |target: Target| Entry {
-        sink: sink.clone(),
-        merge: Merge::Single,
-        parts: vec![part(request.clone(), target)],
-        ready: None,
-        unanswered: 1,
-    };
+    let single = |target: Target| Entry::single(sink.clone(), request.clone(), target);
 
     if name.eq_ignore_ascii_case(b"scan") {
         return scan_entry(&args, cluster, sink.clone());
     }
     if name.eq_ignore_ascii_case(b"keys") {
         let masters = cluster.map().masters().len().max(1);
-        return Entry {
-            sink: sink.clone(),
-            merge: Merge::Concat,
-            parts: (0..masters)
-                .map(|i| part(request.clone(), Target::Master(i)))
-                .collect(),
-            ready: None,
-            unanswered: masters,
-        };
+        let parts = (0..masters)
+            .map(|i| part(request.clone(), Target::Master(i)))
+            .collect();
+        return Entry::new(sink.clone(), Merge::Concat, parts);
     }
     if name.eq_ignore_ascii_case(b"spublish") {
         return match args.get(1) {
@@ -605,7 +633,7 @@ fn plan_entry(request: &Bytes, cluster: &Cluster, sink: ReplySink) -> Entry {
         // the node to refuse, rather than split and partly run.
         Some(Merge::AllOk) if args.len() % 2 == 0 => single(Target::Slot(first_slot)),
         Some(merge) => split_entry(&args, &keys, merge, sink.clone()),
-        None => ready(CROSSSLOT),
+        None => Entry::answered(sink.clone(), CROSSSLOT),
     }
 }
 
@@ -656,58 +684,36 @@ fn split_entry(args: &[Bytes], keys: &[usize], merge: Merge, sink: ReplySink) ->
         },
         other => other,
     };
-    Entry {
-        sink,
-        merge,
-        unanswered: parts.len(),
-        parts,
-        ready: None,
-    }
+    Entry::new(sink, merge, parts)
 }
 
 /// `SCAN cursor …`: the master named by the cursor's high bits, with its
 /// own cursor in place of the client's.
 fn scan_entry(args: &[Bytes], cluster: &Cluster, sink: ReplySink) -> Entry {
-    let masters = cluster.map().masters().len();
-    let cursor = args
-        .get(1)
-        .and_then(|c| std::str::from_utf8(c).ok())
-        .and_then(|c| c.parse::<u64>().ok());
-    let node = cursor.map(|c| (c >> CURSOR_NODE_SHIFT) as usize);
-    let (Some(cursor), Some(node)) = (cursor, node) else {
-        return Entry {
+    let masters = cluster.map().masters().len().max(1);
+    let [name, cursor, options @ ..] = args else {
+        return Entry::answered(
             sink,
-            merge: Merge::Single,
-            parts: Vec::new(),
-            ready: Some(Bytes::from_static(b"-ERR invalid cursor\r\n")),
-            unanswered: 0,
-        };
+            b"-ERR wrong number of arguments for 'scan' command\r\n",
+        );
     };
-    if node >= masters.max(1) {
-        return Entry {
-            sink,
-            merge: Merge::Single,
-            parts: Vec::new(),
-            ready: Some(Bytes::from_static(b"-ERR invalid cursor\r\n")),
-            unanswered: 0,
-        };
-    }
+    let Some((cursor, node)) = std::str::from_utf8(cursor)
+        .ok()
+        .and_then(|c| c.parse::<u64>().ok())
+        .map(|c| (c, (c >> CURSOR_NODE_SHIFT) as usize))
+        .filter(|&(_, node)| node < masters)
+    else {
+        return Entry::answered(sink, b"-ERR invalid cursor\r\n");
+    };
     let own_cursor = (cursor & ((1 << CURSOR_NODE_SHIFT) - 1)).to_string();
+    let mut items: Vec<&[u8]> = Vec::with_capacity(args.len());
+    items.push(name);
+    items.push(own_cursor.as_bytes());
+    items.extend(options.iter().map(|a| &a[..]));
     let mut request = BytesMut::new();
-    let items = std::iter::once(&args[0][..])
-        .chain(std::iter::once(own_cursor.as_bytes()))
-        .chain(args[2..].iter().map(|a| &a[..]));
-    frame::put_request(&mut request, items.collect::<Vec<_>>().into_iter());
-    Entry {
-        sink,
-        merge: Merge::Scan {
-            node,
-            masters: masters.max(1),
-        },
-        parts: vec![part(request.freeze(), Target::Master(node))],
-        ready: None,
-        unanswered: 1,
-    }
+    frame::put_request(&mut request, items.into_iter());
+    let parts = vec![part(request.freeze(), Target::Master(node))];
+    Entry::new(sink, Merge::Scan { node, masters }, parts)
 }
 
 /// The client's one reply from the replies of an entry's parts.
@@ -929,7 +935,9 @@ impl NodeTask {
                     if !owed {
                         progress = Instant::now();
                     }
-                    out.extend_from_slice(&batch.bytes);
+                    // Takes the batch's buffer over when nothing waits to be
+                    // written, so the requests are not copied again.
+                    out.unsplit(batch.bytes);
                     written.extend(batch.tickets);
                 }
                 () = &mut stalled, if owed && self.reply_timeout.is_some() => {
