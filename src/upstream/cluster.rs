@@ -32,6 +32,12 @@ const REFRESH_TIMEOUT: Duration = Duration::from_secs(2);
 /// No master serves the slot (yet).
 const UNASSIGNED: u16 = u16::MAX;
 
+/// The most masters a map may name. Redis Cluster is meant for up to about
+/// 1000 nodes; the bound keeps a hostile `CLUSTER SLOTS` or `MOVED` reply
+/// from growing the map without end, and leaves a `SCAN` cursor room to
+/// name the master (see the router).
+pub const MAX_MASTERS: usize = 1024;
+
 /// The slot of a key as Redis Cluster computes it: CRC16 of the key, or of
 /// its hash tag (the text between the first `{` and the next `}`, if not
 /// empty). The namespace prefix holds no braces, so a client's tag decides
@@ -103,31 +109,36 @@ impl SlotMap {
             if first > last || last >= SLOTS {
                 return None;
             }
-            let index = map.index_of(address);
+            let index = map.index_of(address)?;
             map.owners[first..=last].fill(index);
         }
         map.order_masters();
         Some(map)
     }
 
-    /// The map with `slot` moved to `address`, as a `MOVED` reply says.
-    fn with_moved(&self, slot: u16, address: &str) -> SlotMap {
+    /// The map with `slot` moved to `address`, as a `MOVED` reply says;
+    /// `None` if that would name more than [`MAX_MASTERS`] masters.
+    fn with_moved(&self, slot: u16, address: &str) -> Option<SlotMap> {
         let mut map = self.clone();
-        let index = map.index_of(Arc::from(address));
-        if let Some(owner) = map.owners.get_mut(usize::from(slot)) {
-            *owner = index;
-        }
-        map
+        let index = map.index_of(Arc::from(address))?;
+        *map.owners.get_mut(usize::from(slot))? = index;
+        // A master that no longer serves any slot leaves the map.
+        map.order_masters();
+        Some(map)
     }
 
-    fn index_of(&mut self, address: Arc<str>) -> u16 {
-        match self.masters.iter().position(|m| *m == address) {
-            Some(index) => index as u16,
-            None => {
+    /// The position of `address` among the masters, added if new; `None`
+    /// past [`MAX_MASTERS`].
+    fn index_of(&mut self, address: Arc<str>) -> Option<u16> {
+        let index = match self.masters.iter().position(|m| *m == address) {
+            Some(index) => index,
+            None if self.masters.len() < MAX_MASTERS => {
                 self.masters.push(address);
-                (self.masters.len() - 1) as u16
+                self.masters.len() - 1
             }
-        }
+            None => return None,
+        };
+        u16::try_from(index).ok()
     }
 
     /// Puts the masters in the order of the first slot each serves and
@@ -215,8 +226,10 @@ impl Cluster {
     pub fn moved(&self, slot: u16, address: &str) {
         {
             let mut map = self.map.write().unwrap_or_else(PoisonError::into_inner);
-            if map.owner(slot).map(|a| &**a) != Some(address) {
-                *map = Arc::new(map.with_moved(slot, address));
+            if map.owner(slot).map(|a| &**a) != Some(address)
+                && let Some(moved) = map.with_moved(slot, address)
+            {
+                *map = Arc::new(moved);
             }
         }
         self.request_refresh();
@@ -397,8 +410,34 @@ mod tests {
             node("127.0.0.1", 7001),
         )]));
         let map = SlotMap::from_cluster_slots(reply, "127.0.0.1:7000").expect("a map");
-        let moved = map.with_moved(42, "127.0.0.1:7009");
+        let moved = map
+            .with_moved(42, "127.0.0.1:7009")
+            .expect("room for a master");
         assert_eq!(moved.owner(42).map(|a| &**a), Some("127.0.0.1:7009"));
         assert_eq!(moved.owner(43).map(|a| &**a), Some("127.0.0.1:7000"));
+    }
+
+    #[test]
+    fn maps_name_a_bounded_number_of_masters() {
+        // One range per master, each a slot of its own, one past the bound.
+        let ranges = (0..=MAX_MASTERS as i64)
+            .map(|i| range(i, i, node("10.0.0.1", 1000 + i), node("10.0.0.2", 1)))
+            .collect();
+        assert!(SlotMap::from_cluster_slots(Reply::Array(Some(ranges)), "h:1").is_none());
+
+        // Moving every slot away from a master drops it from the map, so
+        // MOVED replies cannot grow it either.
+        let reply = Reply::Array(Some(vec![range(
+            0,
+            0,
+            node("127.0.0.1", 7000),
+            node("127.0.0.1", 7001),
+        )]));
+        let map = SlotMap::from_cluster_slots(reply, "127.0.0.1:7000").expect("a map");
+        let moved = map
+            .with_moved(0, "127.0.0.1:7009")
+            .expect("room for a master");
+        let masters: Vec<&str> = moved.masters().iter().map(|m| &**m).collect();
+        assert_eq!(masters, ["127.0.0.1:7009"]);
     }
 }

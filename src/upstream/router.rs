@@ -51,6 +51,9 @@ const MAX_REDIRECTS: u8 = 16;
 /// below the size of the key table, far below 2^54.
 const CURSOR_NODE_SHIFT: u32 = 54;
 
+// Every master's position fits above the shift.
+const _: () = assert!(super::cluster::MAX_MASTERS <= 1 << (64 - CURSOR_NODE_SHIFT));
+
 /// Redis Cluster's reply to a multi-key request whose keys span slots.
 const CROSSSLOT: &[u8] = b"-CROSSSLOT Keys in request don't hash to the same slot\r\n";
 
@@ -269,9 +272,13 @@ impl Router {
             let request = match measured {
                 Ok(Some(len)) => rest.split_to(len),
                 // The session wrote these requests itself; this can't
-                // happen, and if it did the session still gets one reply
-                // per request.
-                _ => Bytes::new(),
+                // happen, and if it did the session still gets one (error)
+                // reply per request, none of them sent.
+                _ => {
+                    scanner = Scanner::for_requests();
+                    rest.clear();
+                    Bytes::new()
+                }
             };
             let entry = plan_entry(&request, &self.cluster, submission.replies.clone());
             let seq = self.first_seq + self.entries.len() as u64;
@@ -731,10 +738,10 @@ fn merge(merge: Merge, parts: Vec<Part>, ready: Option<Bytes>, limits: &Limits) 
     }
     let merged = match merge {
         Merge::Single => None,
+        // Counts come from the nodes: a sum that overflows is no count.
         Merge::Sum => replies
             .iter()
-            .map(|r| integer(r))
-            .sum::<Option<i64>>()
+            .try_fold(0i64, |sum, r| sum.checked_add(integer(r)?))
             .map(|n| Bytes::from(format!(":{n}\r\n"))),
         Merge::AllOk => Some(Bytes::from_static(b"+OK\r\n")),
         Merge::Concat => concat(&replies, limits),
@@ -1041,6 +1048,21 @@ mod tests {
             &limits(),
         );
         assert_eq!(&merged[..], b"-OOM no memory\r\n");
+    }
+
+    #[test]
+    fn counts_that_overflow_are_not_summed() {
+        let max = format!(":{}\r\n", i64::MAX);
+        let merged = merge(
+            Merge::Sum,
+            answered(&[max.as_bytes(), b":1\r\n"]),
+            None,
+            &limits(),
+        );
+        assert!(
+            merged.starts_with(b"-ERR redcloak could not merge"),
+            "{merged:?}"
+        );
     }
 
     #[test]
