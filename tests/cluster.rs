@@ -354,18 +354,23 @@ fn blocking_commands_and_pubsub_use_the_right_node() {
         sub.reply(),
         array(&[&bulk("message"), &bulk("news"), &bulk("hello")])
     );
-    // Shard channels follow the slot of the namespaced channel.
+    // Shard channels follow the slot of the namespaced channel, whether
+    // published through the shared links or a session's own link (RESP3).
+    let mut resp3_publisher = proxy.login(&ALICE);
+    assert_eq!(resp3_publisher.cmd(&["HELLO", "3"]).first(), Some(&b'%'));
     for channel in ["orders", "{x}orders", "audit"] {
         let mut shard_sub = proxy.login(&ALICE);
         assert_eq!(
             shard_sub.cmd(&["SSUBSCRIBE", channel]),
             array(&[&bulk("ssubscribe"), &bulk(channel), b":1\r\n"])
         );
-        assert_eq!(publisher.cmd(&["SPUBLISH", channel, "item"]), b":1\r\n");
-        assert_eq!(
-            shard_sub.reply(),
-            array(&[&bulk("smessage"), &bulk(channel), &bulk("item")])
-        );
+        for publisher in [&mut publisher, &mut resp3_publisher] {
+            assert_eq!(publisher.cmd(&["SPUBLISH", channel, "item"]), b":1\r\n");
+            assert_eq!(
+                shard_sub.reply(),
+                array(&[&bulk("smessage"), &bulk(channel), &bulk("item")])
+            );
+        }
     }
     // Bob's subscriber heard nothing of Alice's channel.
     let mut bob_pub = proxy.login(&BOB);

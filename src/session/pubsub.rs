@@ -158,7 +158,13 @@ impl Session {
             return self.refuse("ERR redcloak does not publish on keyspace notification channels");
         }
         let channel = pubsub::upstream_channel(&self.namespace, kind, &args[1]);
-        self.forward_request(
+        // A shard channel lives on the node of its slot.
+        let need = match kind {
+            Channels::Shard => NodeNeed::Slot(crate::upstream::slot(&channel)),
+            Channels::Global | Channels::Pattern => NodeNeed::Any,
+        };
+        self.forward_request_to(
+            need,
             &[&args[0], &channel, &args[2]],
             "publish",
             ReplyShape::Plain,
@@ -219,13 +225,20 @@ impl Session {
         command: &'static str,
         reply: ReplyShape,
     ) {
+        self.forward_request_to(NodeNeed::Any, args, command, reply)
+            .await
+    }
+
+    /// [`Session::forward_request`] for a request that needs a particular
+    /// node in cluster mode, should it go over the session's own link.
+    async fn forward_request_to(
+        &mut self,
+        need: NodeNeed,
+        args: &[&[u8]],
+        command: &'static str,
+        reply: ReplyShape,
+    ) {
         let shared = self.use_shared_link(false);
-        let need = match args {
-            [command, channel, ..] if command.eq_ignore_ascii_case(b"spublish") => {
-                NodeNeed::Slot(crate::upstream::slot(channel))
-            }
-            _ => NodeNeed::Any,
-        };
         if !shared && !self.ensure_link(need).await {
             return;
         }
