@@ -78,11 +78,7 @@ impl Session {
         };
         let Some(wanted) = wanted else {
             cluster.request_refresh();
-            match cluster.unavailable_reason() {
-                Some(why) if map.is_empty() => self
-                    .refuse(&format!("ERR upstream unavailable: {why}").replace(['\r', '\n'], " ")),
-                _ => self.refuse("CLUSTERDOWN Hash slot not served"),
-            }
+            self.refuse(&cluster.no_owner_error(&map));
             return false;
         };
         if self.link.is_some() {

@@ -274,6 +274,21 @@ impl Cluster {
         false
     }
 
+    /// The error text (without the leading `-`) for a request whose slot
+    /// has no master in `map`: why no map could be learned at all, or
+    /// Redis Cluster's own `CLUSTERDOWN`.
+    pub fn no_owner_error(&self, map: &SlotMap) -> String {
+        match self.unavailable_reason() {
+            Some(why) if map.is_empty() => {
+                format!(
+                    "ERR upstream unavailable: {}",
+                    why.replace(['\r', '\n'], " ")
+                )
+            }
+            _ => "CLUSTERDOWN Hash slot not served".to_owned(),
+        }
+    }
+
     /// Why the slot map could not be learned, while it can't.
     pub fn unavailable_reason(&self) -> Option<String> {
         self.failure().clone()

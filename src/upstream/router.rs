@@ -321,11 +321,8 @@ impl Router {
         };
         let Some(address) = address else {
             self.cluster.request_refresh();
-            let error = match self.cluster.unavailable_reason() {
-                Some(why) if map.is_empty() => unavailable(&why),
-                _ => b"-CLUSTERDOWN Hash slot not served\r\n".to_vec(),
-            };
-            return self.retry_later(ticket, &error);
+            let error = format!("-{}\r\n", self.cluster.no_owner_error(&map));
+            return self.retry_later(ticket, error.as_bytes());
         };
         let asking = matches!(part.target, Target::Asked(_));
         let request = part.request.clone();
@@ -535,12 +532,6 @@ fn deliver(sink: &ReplySink, replies: Vec<Bytes>) {
     };
     // A session that has gone away no longer wants its replies.
     let _ = sink.send(Delivery::Replies(joined));
-}
-
-/// The error reply while no slot map could be learned: why, on one line.
-fn unavailable(why: &str) -> Vec<u8> {
-    let why = why.replace(['\r', '\n'], " ");
-    format!("-ERR upstream unavailable: {why}\r\n").into_bytes()
 }
 
 /// The error reply for a part whose connection failed after it was sent.
