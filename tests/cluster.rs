@@ -7,7 +7,7 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -43,8 +43,8 @@ fn array(items: &[&[u8]]) -> Vec<u8> {
     out
 }
 
-/// Client keys that land on at least two different masters.
-fn keys_on_several_masters(cluster: &TestCluster, count: usize) -> Vec<String> {
+/// Client keys of Alice's that land on every master.
+fn keys_on_every_master(cluster: &TestCluster, count: usize) -> Vec<String> {
     let keys: Vec<String> = (0..count).map(|i| format!("key:{i}")).collect();
     let mut masters: Vec<u16> = keys
         .iter()
@@ -52,7 +52,9 @@ fn keys_on_several_masters(cluster: &TestCluster, count: usize) -> Vec<String> {
         .collect();
     masters.sort_unstable();
     masters.dedup();
-    assert!(masters.len() > 1, "the test keys must span masters");
+    let mut all = cluster.masters();
+    all.sort_unstable();
+    assert_eq!(masters, all, "the test keys must reach every master");
     keys
 }
 
@@ -60,7 +62,7 @@ fn keys_on_several_masters(cluster: &TestCluster, count: usize) -> Vec<String> {
 fn keys_live_on_the_master_of_their_namespaced_slot_and_hash_tags_hold() {
     let (cluster, proxy) = start(3, 0);
     let mut alice = proxy.login(&ALICE);
-    let keys = keys_on_several_masters(&cluster, 30);
+    let keys = keys_on_every_master(&cluster, 30);
     for key in &keys {
         assert_eq!(alice.cmd(&["SET", key, &format!("v-{key}")]), b"+OK\r\n");
     }
@@ -76,15 +78,8 @@ fn keys_live_on_the_master_of_their_namespaced_slot_and_hash_tags_hold() {
         assert_eq!(alice.cmd(&["GET", key]), bulk(&format!("v-{key}")));
     }
 
-    // The prefix has no braces, so the client's hash tag picks the slot,
-    // as the live cluster computes it.
-    let mut direct = cluster.direct(cluster.masters()[0]);
-    let slot_a = direct.cmd(&["CLUSTER", "KEYSLOT", &format!("{prefix}{{user1}}:a")]);
-    let slot_b = direct.cmd(&["CLUSTER", "KEYSLOT", &format!("{prefix}{{user1}}:b")]);
-    let bare = direct.cmd(&["CLUSTER", "KEYSLOT", "user1"]);
-    assert_eq!(slot_a, slot_b);
-    assert_eq!(slot_a, bare);
-    // So commands that need one slot work on tagged keys.
+    // The prefix has no braces, so the client's hash tag picks the slot:
+    // commands that need one slot work on tagged keys.
     assert_eq!(alice.cmd(&["SET", "{user1}:a", "1"]), b"+OK\r\n");
     assert_eq!(alice.cmd(&["RENAME", "{user1}:a", "{user1}:b"]), b"+OK\r\n");
     assert_eq!(alice.cmd(&["SADD", "{user1}:s1", "x"]), b":1\r\n");
@@ -97,13 +92,19 @@ fn keys_live_on_the_master_of_their_namespaced_slot_and_hash_tags_hold() {
         b":1\r\n"
     );
     assert_eq!(alice.cmd(&["GET", "{user1}:b"]), bulk("1"));
+    // And the keys live on the master of the tag's own slot.
+    let tag_owner = cluster.owner_of_slot(TestCluster::slot_of(b"user1"));
+    let mut direct = cluster.direct(tag_owner);
+    for (key, value) in [("{user1}:b", "1"), ("{user1}:n2", "2")] {
+        assert_eq!(direct.cmd(&["GET", &format!("{prefix}{key}")]), bulk(value));
+    }
 }
 
 #[test]
 fn multi_key_commands_are_split_across_nodes_and_merged() {
     let (cluster, proxy) = start(3, 0);
     let mut alice = proxy.login(&ALICE);
-    let keys = keys_on_several_masters(&cluster, 12);
+    let keys = keys_on_every_master(&cluster, 12);
 
     let mut mset = vec!["MSET"];
     let values: Vec<String> = keys.iter().map(|k| format!("v-{k}")).collect();
@@ -211,20 +212,34 @@ fn commands_that_must_be_atomic_across_slots_get_crossslot() {
     assert_eq!(alice.cmd(&["INCR", "{t}x"]), b"+QUEUED\r\n");
     assert_eq!(alice.cmd(&["EXEC"]), array(&[b"+OK\r\n", b":2\r\n"]));
 
+    // A key on another node: the proxy refuses the command, and Redis the
+    // EXEC of the transaction it belonged to.
+    assert_ne!(
+        holder(&cluster, ALICE.project, a),
+        holder(&cluster, ALICE.project, b)
+    );
     assert_eq!(alice.cmd(&["MULTI"]), b"+OK\r\n");
     assert_eq!(alice.cmd(&["SET", a, "changed"]), b"+QUEUED\r\n");
-    let second = alice.cmd(&["SET", b, "changed"]);
-    let execed = alice.cmd(&["EXEC"]);
-    // On another node the proxy refuses the command; on the same node
-    // Redis refuses EXEC. Either way nothing runs.
-    assert!(
-        (second == crossslot && execed.starts_with(b"-EXECABORT"))
-            || (second == b"+QUEUED\r\n" && execed == crossslot),
-        "{} / {}",
-        String::from_utf8_lossy(&second),
-        String::from_utf8_lossy(&execed)
-    );
+    assert_eq!(alice.cmd(&["SET", b, "changed"]), crossslot);
+    assert!(alice.cmd(&["EXEC"]).starts_with(b"-EXECABORT"));
     assert_eq!(alice.cmd(&["GET", a]), bulk("1"));
+    // Another slot on the same node: queued, and Redis refuses the EXEC.
+    let same_node = (0..100)
+        .map(|i| format!("same:{i}"))
+        .find(|k| {
+            holder(&cluster, ALICE.project, k) == holder(&cluster, ALICE.project, a)
+                && TestCluster::slot_of(format!("{}{k}", upstream_prefix(ALICE.project)).as_bytes())
+                    != TestCluster::slot_of(
+                        format!("{}{a}", upstream_prefix(ALICE.project)).as_bytes(),
+                    )
+        })
+        .expect("a key in another slot of the same master");
+    assert_eq!(alice.cmd(&["MULTI"]), b"+OK\r\n");
+    assert_eq!(alice.cmd(&["SET", a, "changed"]), b"+QUEUED\r\n");
+    assert_eq!(alice.cmd(&["SET", &same_node, "changed"]), b"+QUEUED\r\n");
+    assert_eq!(alice.cmd(&["EXEC"]), crossslot);
+    assert_eq!(alice.cmd(&["GET", a]), bulk("1"));
+    assert_eq!(alice.cmd(&["EXISTS", &same_node]), b":0\r\n");
 
     // A keyless transaction runs somewhere; WATCH then MULTI on one slot.
     assert_eq!(alice.cmd(&["MULTI"]), b"+OK\r\n");
@@ -245,9 +260,14 @@ fn keyspace_commands_cover_every_master_inside_the_project() {
     let (cluster, proxy) = start(3, 0);
     let mut alice = proxy.login(&ALICE);
     let mut bob = proxy.login(&BOB);
-    let keys = keys_on_several_masters(&cluster, 40);
+    let keys = keys_on_every_master(&cluster, 40);
     for key in &keys {
         assert_eq!(alice.cmd(&["SET", key, "a"]), b"+OK\r\n");
+    }
+    // Every master holds some of Alice's keys (the cluster was empty).
+    for master in cluster.masters() {
+        let count = cluster.direct(master).cmd(&["DBSIZE"]);
+        assert_ne!(count, b":0\r\n", "master {master} holds keys");
     }
     for i in 0..25 {
         assert_eq!(bob.cmd(&["SET", &format!("bob:{i}"), "b"]), b"+OK\r\n");
@@ -263,11 +283,6 @@ fn keyspace_commands_cover_every_master_inside_the_project() {
         nulls.windows(5).filter(|w| w == b"$-1\r\n").count(),
         keys.len()
     );
-    // Every master holds some of them.
-    for master in cluster.masters() {
-        let count = cluster.direct(master).cmd(&["DBSIZE"]);
-        assert_ne!(count, b":0\r\n", "master {master} holds keys");
-    }
 
     let mut admin = proxy.login(&ADMIN);
     let mut shipping_admin = proxy.login(&SHIPPING_ADMIN);
@@ -319,7 +334,7 @@ fn keyspace_commands_cover_every_master_inside_the_project() {
 #[test]
 fn blocking_commands_and_pubsub_use_the_right_node() {
     let (cluster, proxy) = start(3, 0);
-    let keys = keys_on_several_masters(&cluster, 12);
+    let keys = keys_on_every_master(&cluster, 12);
     let (q1, q2) = (
         &keys[0],
         keys.iter()
@@ -491,8 +506,11 @@ fn a_slot_migrated_under_load_is_followed_through_ask_then_moved() {
 fn a_failover_under_writes_keeps_every_acknowledged_write() {
     let (mut cluster, proxy) = start(3, 1);
     let stop = Arc::new(AtomicBool::new(false));
+    // The index of the next write, so the test knows which came after the kill.
+    let next = Arc::new(AtomicU64::new(0));
     let writer = {
         let stop = Arc::clone(&stop);
+        let next = Arc::clone(&next);
         let port = proxy.port;
         thread::spawn(move || {
             let mut c = common::Raw::connect(port);
@@ -500,8 +518,8 @@ fn a_failover_under_writes_keeps_every_acknowledged_write() {
             let mut acknowledged = Vec::new();
             let mut errors = Vec::new();
             let mut longest = Duration::ZERO;
-            let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
+                let i = next.load(Ordering::Relaxed);
                 let key = format!("w:{i}");
                 let sent = Instant::now();
                 let reply = c.cmd(&["SET", &key, &i.to_string()]);
@@ -511,7 +529,7 @@ fn a_failover_under_writes_keeps_every_acknowledged_write() {
                 } else {
                     errors.push(String::from_utf8_lossy(&reply).into_owned());
                 }
-                i += 1;
+                next.store(i + 1, Ordering::Relaxed);
             }
             (acknowledged, errors, longest)
         })
@@ -519,6 +537,7 @@ fn a_failover_under_writes_keeps_every_acknowledged_write() {
     thread::sleep(Duration::from_millis(500));
     let victim = cluster.masters()[0];
     let killed = Instant::now();
+    let first_after_kill = next.load(Ordering::Relaxed) + 1;
     cluster.kill(victim);
     let promoted = cluster.wait_for_failover(victim, Duration::from_secs(30));
     let failover = killed.elapsed();
@@ -533,6 +552,14 @@ fn a_failover_under_writes_keeps_every_acknowledged_write() {
         errors.iter().take(3).collect::<Vec<_>>()
     );
     assert!(acknowledged.len() > 100, "writes went on");
+    // Including to the slots of the dead master, once its replica took over.
+    assert!(
+        acknowledged.iter().any(|key| {
+            let index: u64 = key.trim_start_matches("w:").parse().expect("w:<index>");
+            index > first_after_kill && holder(&cluster, ALICE.project, key) == promoted
+        }),
+        "no write reached the promoted master {promoted}"
+    );
     assert!(
         errors.len() <= 5,
         "only requests in flight on the dead master fail: {errors:?}"
@@ -576,13 +603,24 @@ fn sealed_values_open_after_resharding_and_stay_apart_between_projects() {
         assert_eq!(alice.cmd(&["SET", key, &long]), b"+OK\r\n");
         assert_eq!(bob.cmd(&["SET", key, "bob's"]), b"+OK\r\n");
     }
-    // Upstream holds sealed bytes, never the plaintext.
-    let prefix = upstream_prefix(ALICE.project);
-    let master = holder(&cluster, ALICE.project, &keys[0]);
-    let stored = cluster
-        .direct(master)
-        .cmd(&["GET", &format!("{prefix}{}", keys[0])]);
-    assert!(!String::from_utf8_lossy(&stored).contains("compressible"));
+    // Upstream holds sealed values (the value format's magic and version),
+    // never the plaintext, for both projects.
+    for (user, plaintext) in [(&ALICE, "compressible"), (&BOB, "bob's")] {
+        let stored_key = format!("{}{}", upstream_prefix(user.project), keys[0]);
+        let master = holder(&cluster, user.project, &keys[0]);
+        let stored = cluster.direct(master).cmd(&["GET", &stored_key]);
+        let body_start = stored
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .expect("a bulk reply")
+            + 2;
+        assert_eq!(
+            stored.get(body_start..body_start + 4),
+            Some(&[0x00, 0x52, 0x43, 0x01][..]),
+            "{stored:?}"
+        );
+        assert!(!String::from_utf8_lossy(&stored).contains(plaintext));
+    }
 
     // Move every slot the keys use to another master.
     for shard in 0..5 {
@@ -643,7 +681,7 @@ fn reencrypt_moves_values_on_every_master_to_the_current_key() {
     let config = common::write_file(dir.path(), "redcloak.toml", &toml);
     let proxy = Proxy::start_toml(&toml);
     let mut alice = proxy.login(&ALICE);
-    let keys = keys_on_several_masters(&cluster, 30);
+    let keys = keys_on_every_master(&cluster, 30);
     for key in &keys {
         assert_eq!(alice.cmd(&["SET", key, &format!("v-{key}")]), b"+OK\r\n");
     }
