@@ -696,18 +696,7 @@ fn reencrypt_moves_values_on_every_master_to_the_current_key() {
         .find(|info| info.is_current)
         .expect("a current key")
         .id;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_redcloak"))
-        .arg("reencrypt")
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .expect("running redcloak reencrypt");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = common::reencrypt(&config);
     let rewritten = keys.len() + 1 + 2;
     assert!(
         stdout.contains(&format!("{rewritten} values rewritten")),

@@ -302,19 +302,28 @@ fn a_broken_certificate_on_reload_keeps_the_running_one() {
     assert_eq!(c.cmd(&["AUTH", ALICE.name, ALICE.password]), b"+OK\r\n");
 }
 
-/// A proxy (plaintext listener) in front of a TLS-only, password-protected
-/// `redis-server`, reaching it with the client certificate from `certs`.
-fn proxy_to_tls_redis(redis: &Redis, certs: &Path, upstream_extra: &str) -> Proxy {
-    let mut toml = config_toml(redis.port, USERS, "");
+/// The configuration of a proxy (plaintext listener) in front of a
+/// TLS-only `redis-server` whose password is `upstream-secret`, reaching it
+/// with the client certificate from `certs`; `encryption` is the body of
+/// `[encryption]`, `tls_extra` more lines of `[upstream.tls]`.
+fn tls_redis_toml(redis: &Redis, certs: &Path, encryption: &str, tls_extra: &str) -> String {
+    let mut toml = common::config_toml_with(redis.port, USERS, "", encryption);
     toml.push_str(&format!(
-        "\n[upstream.tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n{upstream_extra}\n",
+        "\n[upstream.tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n{tls_extra}\n",
         certs.join("ca.crt"),
         certs.join("client.crt"),
         certs.join("client.key"),
     ));
-    Proxy::start_toml(&toml.replace(
-        "connect_timeout_ms = 1000\n",
-        "connect_timeout_ms = 1000\npassword = \"upstream-secret\"\n",
+    common::with_upstream(&toml, "password = \"upstream-secret\"")
+}
+
+/// A proxy in front of a TLS-only Redis (see [`tls_redis_toml`]).
+fn proxy_to_tls_redis(redis: &Redis, certs: &Path, tls_extra: &str) -> Proxy {
+    Proxy::start_toml(&tls_redis_toml(
+        redis,
+        certs,
+        "enabled = false\n",
+        tls_extra,
     ))
 }
 
@@ -396,39 +405,14 @@ fn reencrypt_reaches_a_tls_only_redis() {
     let dir = tempfile::tempdir().unwrap();
     let keyring = dir.path().join("keyring.json");
     redcloak::keyring::Keyring::generate(&keyring).unwrap();
-    let mut toml = common::config_toml_with(
-        redis.port,
-        USERS,
-        "",
-        &format!("enabled = true\nkeyring = \"{}\"\n", keyring.display()),
-    );
-    toml.push_str(&format!(
-        "\n[upstream.tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
-        certs.path().join("ca.crt"),
-        certs.path().join("client.crt"),
-        certs.path().join("client.key"),
-    ));
-    let toml = toml.replace(
-        "connect_timeout_ms = 1000\n",
-        "connect_timeout_ms = 1000\npassword = \"upstream-secret\"\n",
-    );
+    let encryption = format!("enabled = true\nkeyring = \"{}\"\n", keyring.display());
+    let toml = tls_redis_toml(&redis, certs.path(), &encryption, "");
     let proxy = Proxy::start_toml(&toml);
     let mut c = proxy.login(&ALICE);
     assert_eq!(c.cmd(&["SET", "k", "v"]), b"+OK\r\n");
     redcloak::keyring::Keyring::rotate(&keyring).unwrap();
 
     let config = common::write_file(dir.path(), "redcloak.toml", &toml);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_redcloak"))
-        .arg("reencrypt")
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .expect("running redcloak reencrypt");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout} {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = common::reencrypt(&config);
     assert!(stdout.contains("1 values rewritten"), "{stdout}");
 }

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use redcloak::frame::Scanner;
 
-use super::{Raw, TEST_ITERATIONS, TlsRaw, User, gen_certs};
+use super::{Raw, TlsRaw, User, gen_certs, users_toml};
 
 /// Redis Cluster's slot count.
 pub const SLOTS: u16 = 16384;
@@ -335,27 +335,32 @@ fn encode_bytes(args: &[&[u8]]) -> Vec<u8> {
     out
 }
 
-/// Splits a RESP2 bulk string (`$n\r\n...\r\n`) off the front of `reply`
-/// and returns its body and the rest; `Err` with the reply for anything
-/// else (errors such as `-LOADING` included).
-fn split_bulk(reply: &[u8]) -> Result<(&[u8], &[u8]), String> {
-    let bad = || {
-        format!(
-            "expected a bulk string, got {:?}",
-            String::from_utf8_lossy(reply)
-        )
-    };
-    let body = reply.strip_prefix(b"$").ok_or_else(bad)?;
+/// Reads the header line of a RESP2 frame of type `marker` (`$n\r\n`,
+/// `*n\r\n`) off the front of `reply`: `n` and what follows the line.
+/// `Err` with the reply for anything else (errors such as `-LOADING`
+/// included); `what` names the frame expected.
+fn resp_header<'a>(reply: &'a [u8], marker: u8, what: &str) -> Result<(usize, &'a [u8]), String> {
+    let bad = || format!("expected {what}, got {:?}", String::from_utf8_lossy(reply));
+    let body = reply.strip_prefix(&[marker]).ok_or_else(bad)?;
     let eol = body.windows(2).position(|w| w == b"\r\n").ok_or_else(bad)?;
-    let len: usize = std::str::from_utf8(&body[..eol])
+    let n = std::str::from_utf8(&body[..eol])
         .ok()
         .and_then(|n| n.parse().ok())
         .ok_or_else(bad)?;
-    let start = eol + 2;
-    if body.len() < start + len + 2 {
-        return Err(bad());
+    Ok((n, &body[eol + 2..]))
+}
+
+/// Splits a RESP2 bulk string (`$n\r\n...\r\n`) off the front of `reply`
+/// and returns its body and the rest.
+fn split_bulk(reply: &[u8]) -> Result<(&[u8], &[u8]), String> {
+    let (len, body) = resp_header(reply, b'$', "a bulk string")?;
+    if body.len() < len + 2 {
+        return Err(format!(
+            "a short bulk string: {:?}",
+            String::from_utf8_lossy(reply)
+        ));
     }
-    Ok((&body[start..start + len], &body[start + len + 2..]))
+    Ok((&body[..len], &body[len + 2..]))
 }
 
 /// The body of a bulk string reply, as text.
@@ -365,19 +370,7 @@ fn bulk_text(reply: &[u8]) -> Result<String, String> {
 
 /// The elements of a RESP2 array of bulk strings.
 fn bulk_array(reply: &[u8]) -> Result<Vec<Vec<u8>>, String> {
-    let bad = || {
-        format!(
-            "expected an array, got {:?}",
-            String::from_utf8_lossy(reply)
-        )
-    };
-    let body = reply.strip_prefix(b"*").ok_or_else(bad)?;
-    let eol = body.windows(2).position(|w| w == b"\r\n").ok_or_else(bad)?;
-    let n: usize = std::str::from_utf8(&body[..eol])
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(bad)?;
-    let mut rest = &body[eol + 2..];
+    let (n, mut rest) = resp_header(reply, b'*', "an array")?;
     let mut items = Vec::with_capacity(n);
     for _ in 0..n {
         let (item, tail) = split_bulk(rest)?;
@@ -904,10 +897,6 @@ impl TestCluster {
     }
 
     /// The port of every node, live or killed.
-    pub fn ports(&self) -> Vec<u16> {
-        self.nodes.iter().map(|n| n.port).collect()
-    }
-
     /// The ports of the current masters, sorted, per a live node's CLUSTER
     /// NODES: killed or failed masters are left out.
     pub fn masters(&self) -> Vec<u16> {
@@ -1200,14 +1189,7 @@ impl TestCluster {
              [audit]\nenabled = false\n",
             nodes.join(", ")
         );
-        for user in users {
-            let hash =
-                redcloak::auth::PasswordHash::create(user.password.as_bytes(), TEST_ITERATIONS);
-            toml.push_str(&format!(
-                "[[users]]\nname = \"{}\"\npassword_hash = \"{hash}\"\nproject = \"{}\"\naccess = \"{}\"\n",
-                user.name, user.project, user.access
-            ));
-        }
+        toml.push_str(&users_toml(users));
         toml
     }
 }

@@ -187,13 +187,7 @@ pub fn config_toml_with(redis_port: u16, users: &[User], extra: &str, encryption
          [encryption]\n{encryption}\n\
          [audit]\nenabled = false\n"
     );
-    for user in users {
-        let hash = redcloak::auth::PasswordHash::create(user.password.as_bytes(), TEST_ITERATIONS);
-        toml.push_str(&format!(
-            "[[users]]\nname = \"{}\"\npassword_hash = \"{hash}\"\nproject = \"{}\"\naccess = \"{}\"\n",
-            user.name, user.project, user.access
-        ));
-    }
+    toml.push_str(&users_toml(users));
     toml
 }
 
@@ -438,6 +432,34 @@ pub fn upstream_prefix(project: &str) -> String {
 }
 
 /// Runs the built `redcloak` binary with arguments and standard input.
+/// The `[[users]]` tables of `users`, their passwords hashed with few
+/// iterations.
+pub fn users_toml(users: &[User]) -> String {
+    let mut toml = String::new();
+    for user in users {
+        let hash = redcloak::auth::PasswordHash::create(user.password.as_bytes(), TEST_ITERATIONS);
+        toml.push_str(&format!(
+            "[[users]]\nname = \"{}\"\npassword_hash = \"{hash}\"\nproject = \"{}\"\naccess = \"{}\"\n",
+            user.name, user.project, user.access
+        ));
+    }
+    toml
+}
+
+/// Runs `redcloak reencrypt --config config`, checks that it succeeded,
+/// and returns what it printed.
+pub fn reencrypt(config: &Path) -> String {
+    let config = config.to_str().expect("a UTF-8 path");
+    let out = run_cli(&["reencrypt", "--config", config], "");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 pub fn run_cli(args: &[&str], stdin: &str) -> std::process::Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_redcloak"))
         .args(args)
