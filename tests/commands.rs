@@ -257,6 +257,10 @@ fn admin_emulations_see_only_the_project_and_keep_pipeline_order() {
     assert_eq!(admin.reply(), b"+OK\r\n");
     assert_eq!(admin.reply(), b"+OK\r\n");
     assert_eq!(admin.reply(), b":1\r\n");
+    // A single server takes the project's keys in one DEL, whatever their
+    // slots (only a cluster needs one request per slot).
+    let stats = String::from_utf8(redis.direct().cmd(&["INFO", "commandstats"])).unwrap();
+    assert!(stats.contains("cmdstat_del:calls=1,"), "{stats}");
 
     assert_eq!(
         bob.cmd(&["DBSIZE"]).first(),

@@ -18,27 +18,32 @@ use crate::direct::{DirectClient, DirectError, Reply};
 use crate::frame::{self, ProtocolError};
 use crate::upstream::{Connector, UpstreamError, slot};
 
-/// Deletes keys found by `SCAN`, `BATCH` per request. A cluster node
-/// refuses a multi-key request whose keys span slots, so each request
-/// holds keys of one slot (one server has them all in any case).
+/// Deletes keys found by `SCAN`, at most `BATCH` per request. A cluster
+/// node refuses a multi-key request whose keys span slots, so with
+/// `by_slot` each request holds keys of one slot; a single server takes
+/// them in any mix.
 async fn delete(
     client: &mut DirectClient,
-    mut keys: Vec<Bytes>,
+    keys: Vec<Bytes>,
     lazy: bool,
+    by_slot: bool,
 ) -> Result<(), DirectError> {
     let command: &[u8] = if lazy { b"UNLINK" } else { b"DEL" };
-    keys.sort_by_key(|key| slot(key));
+    let mut keyed: Vec<(u16, Bytes)> = keys
+        .into_iter()
+        .map(|key| (if by_slot { slot(&key) } else { 0 }, key))
+        .collect();
+    keyed.sort_unstable_by_key(|&(key_slot, _)| key_slot);
     let mut requests: Vec<Vec<&[u8]>> = Vec::new();
     let mut current_slot = None;
-    for key in &keys {
-        let key_slot = slot(key);
+    for (key_slot, key) in &keyed {
         match requests.last_mut() {
-            Some(request) if current_slot == Some(key_slot) && request.len() <= BATCH => {
+            Some(request) if current_slot == Some(*key_slot) && request.len() <= BATCH => {
                 request.push(key)
             }
             _ => requests.push(vec![command, key]),
         }
-        current_slot = Some(key_slot);
+        current_slot = Some(*key_slot);
     }
     let requests: Vec<&[&[u8]]> = requests.iter().map(Vec::as_slice).collect();
     for reply in client.call_many(&requests).await? {
@@ -93,9 +98,10 @@ impl Session {
     /// master in cluster mode).
     async fn run_emulation(&mut self, emulation: Emulation) -> Result<(), DirectError> {
         let mut walk = KeyWalk::new(self.shared.key_holders()?, self.namespace.pattern(b"*"));
+        let by_slot = self.shared.cluster.is_some();
         while let Some((client, keys)) = walk.next_batch().await? {
             match emulation {
-                Emulation::Flush { lazy } => delete(client, keys, lazy).await?,
+                Emulation::Flush { lazy } => delete(client, keys, lazy, by_slot).await?,
                 Emulation::RandomKey => {
                     if let Some(key) = pick(&keys) {
                         let key = self.namespace.strip(key).unwrap_or_default();
