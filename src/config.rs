@@ -307,6 +307,9 @@ pub const DEFAULT_LEAKAGE_PATTERNS: &[&str] = &["password", "secret", "key", "to
 /// Most patterns one project may list, and the longest one, in bytes. Every
 /// written value is searched for every pattern, so both bound that cost.
 pub const MAX_LEAKAGE_PATTERNS: usize = 64;
+
+/// The largest `server.max_request_bytes` accepted.
+pub const MAX_REQUEST_BYTES: usize = 16 << 30;
 pub const MAX_LEAKAGE_PATTERN_LEN: usize = 256;
 
 /// The data-leakage policy of a project (SPEC §7). It applies to the value
@@ -783,6 +786,7 @@ impl Settings {
     /// Checks what deserialization cannot: addresses, users, limits, keys
     /// and file permissions. Returns the first problem found.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_durations()?;
         self.validate_server()?;
         self.validate_upstream()?;
         self.validate_encryption()?;
@@ -824,6 +828,59 @@ impl Settings {
         Ok(())
     }
 
+    /// Every duration at most ten years: a deadline that far away means
+    /// never, and a larger one would not fit the clock's arithmetic.
+    fn validate_durations(&self) -> Result<(), ConfigError> {
+        const MAX_SECS: u64 = 10 * 365 * 24 * 3600;
+        let seconds = [
+            ("server.idle_timeout_secs", self.server.idle_timeout_secs),
+            (
+                "server.shutdown_timeout_secs",
+                self.server.shutdown_timeout_secs,
+            ),
+            (
+                "server.request_timeout_secs",
+                self.server.request_timeout_secs,
+            ),
+            (
+                "encryption.rotation_interval_secs",
+                self.encryption.rotation_interval_secs,
+            ),
+            (
+                "audit.failed_access_window_secs",
+                self.audit.failed_access_window_secs,
+            ),
+            ("audit.lockout_secs", self.audit.lockout_secs),
+        ];
+        let milliseconds = [
+            (
+                "upstream.connect_timeout_ms",
+                self.upstream.connect_timeout_ms,
+            ),
+            (
+                "upstream.request_timeout_ms",
+                self.upstream.request_timeout_ms,
+            ),
+        ];
+        for (field, secs) in seconds {
+            if secs > MAX_SECS {
+                return Err(invalid(
+                    field,
+                    format!("must be at most {MAX_SECS} (ten years)"),
+                ));
+            }
+        }
+        for (field, millis) in milliseconds {
+            if millis > MAX_SECS * 1000 {
+                return Err(invalid(
+                    field,
+                    format!("must be at most {} (ten years)", MAX_SECS * 1000),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn validate_server(&self) -> Result<(), ConfigError> {
         let server = &self.server;
         check_address(&server.listen, false, true).map_err(|r| invalid("server.listen", r))?;
@@ -835,6 +892,14 @@ impl Settings {
         }
         if server.max_request_bytes < 1024 {
             return Err(invalid("server.max_request_bytes", "must be at least 1024"));
+        }
+        // Far above anything Redis accepts (its own bulk limit is 512 MiB
+        // by default), and small enough for the size arithmetic of frames.
+        if server.max_request_bytes > MAX_REQUEST_BYTES {
+            return Err(invalid(
+                "server.max_request_bytes",
+                format!("must be at most {MAX_REQUEST_BYTES} (16 GiB)"),
+            ));
         }
 
         if let Some(tls) = &server.tls {
@@ -2124,6 +2189,25 @@ mod tests {
         let mut s = valid();
         s.audit.failed_access_window_secs = 0;
         assert!(validate_err(&s).starts_with("audit.failed_access_window_secs: "));
+
+        // Durations that would overflow a deadline, and request sizes that
+        // would overflow frame arithmetic, are refused.
+        let mut s = valid();
+        s.server.idle_timeout_secs = u64::MAX / 2;
+        assert!(validate_err(&s).starts_with("server.idle_timeout_secs: must be at most"));
+        let mut s = valid();
+        s.audit.lockout_secs = i64::MAX as u64;
+        assert!(validate_err(&s).starts_with("audit.lockout_secs: must be at most"));
+        let mut s = valid();
+        s.upstream.request_timeout_ms = u64::MAX;
+        assert!(validate_err(&s).starts_with("upstream.request_timeout_ms: must be at most"));
+        let mut s = valid();
+        s.server.max_request_bytes = usize::MAX;
+        assert!(validate_err(&s).starts_with("server.max_request_bytes: must be at most"));
+        let mut s = valid();
+        s.server.idle_timeout_secs = 10 * 365 * 24 * 3600;
+        s.server.max_request_bytes = MAX_REQUEST_BYTES;
+        s.validate().expect("ten years and 16 GiB are allowed");
 
         let mut s = valid();
         s.audit.path = String::new();
