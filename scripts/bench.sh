@@ -122,14 +122,18 @@ declare -A port pid
 port[redis]=$redis_port
 
 # Starts the proxy for one setup. Each setup has its own project, so that
-# one setup never reads values another one wrote (sealed or not).
+# one setup never reads values another one wrote (sealed or not). The
+# cluster setup is sealed, in front of the cluster seeded by $cluster_seeds.
 start_proxy() { # setup
   local p encryption="enabled = false" tls="" audit="enabled = false" check=()
+  local upstream="address = \"127.0.0.1:$redis_port\""
   p=$(free_port)
   case "$1" in
-    sealed | tls | audited) encryption="enabled = true
+    sealed | tls | audited | cluster) encryption="enabled = true
 key = \"$key\"" ;;
   esac
+  [ "$1" = cluster ] && upstream="mode = \"cluster\"
+nodes = [$cluster_seeds]"
   if [ "$1" = tls ]; then
     tls="[server.tls]
 cert = \"$work/certs/server.crt\"
@@ -145,7 +149,7 @@ listen = "127.0.0.1:$p"
 workers = ${BENCH_WORKERS:-0}
 $tls
 [upstream]
-address = "127.0.0.1:$redis_port"
+$upstream
 [encryption]
 $encryption
 [audit]
@@ -190,6 +194,20 @@ cpu_ticks() {
   sed 's/.*) //' "/proc/$1/stat" | awk '{ print $12 + $13 }'
 }
 
+# Prints "rps p50 p99" from the CSV of the last redis-benchmark run
+# ($work/benchmark.out), or fails with its errors.
+benchmark_figures() { # what it ran against
+  local out
+  # redis-benchmark's CSV: "test","rps","avg","min","p50","p95","p99","max".
+  out=$(tail -n 1 "$work/benchmark.out" | tr -d '"' | awk -F, '$2 + 0 > 0 { print $2, $5, $7 }')
+  if [ -z "$out" ]; then
+    echo "bench.sh: redis-benchmark against $1 failed:" >&2
+    cat "$work/benchmark.err" >&2
+    return 1
+  fi
+  echo "$out"
+}
+
 # Prints "rps p50 p99 proxy redis client" of one redis-benchmark run: the
 # last three are the CPU microseconds per request that the proxy (0 when
 # the run is direct), redis-server and redis-benchmark spent. On a machine
@@ -204,22 +222,17 @@ bench_once() { # setup, test, clients, pipeline, size
     -r 100000 --csv >"$work/benchmark.out" 2>"$work/benchmark.err"; } 2>"$work/benchmark.time" || true
   [ "$1" != redis ] && proxy1=$(cpu_ticks "${pid[$1]}")
   redis1=$(cpu_ticks "$redis_pid")
-  # redis-benchmark's CSV: "test","rps","avg","min","p50","p95","p99","max".
-  out=$(tail -n 1 "$work/benchmark.out" | tr -d '"' | awk -F, '$2 + 0 > 0 { print $2, $5, $7 }')
-  if [ -z "$out" ]; then
-    echo "bench.sh: redis-benchmark against $1 failed:" >&2
-    cat "$work/benchmark.err" >&2
-    exit 1
-  fi
+  out=$(benchmark_figures "$1") || exit 1
   awk -v out="$out" -v n="$requests" -v hz="$(getconf CLK_TCK)" \
     -v proxy=$((proxy1 - proxy0)) -v redis=$((redis1 - redis0)) -v client="$(cat "$work/benchmark.time")" \
     'BEGIN { split(client, c, " "); us = 1e6 / n
       printf "%s %.1f %.1f %.1f\n", out, proxy / hz * us, redis / hz * us, (c[1] + c[2]) * us }'
 }
 
-# Median of the numbers on standard input.
-median() {
-  sort -g | awk '{ v[NR] = $1 } END { printf "%.3f\n", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+# Median of column N of a file of runs, one run per line.
+median() { # file, column
+  cut -d' ' -f"$2" "$1" | sort -g |
+    awk '{ v[NR] = $1 } END { printf "%.3f\n", NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 
 # The goal for a setup's ratio in a scenario, if it has one.
@@ -251,12 +264,12 @@ for scenario in "${scenarios[@]}"; do
     done
     name="$test c=$clients P=$pipeline d=$size"
     for s in redis "${setups[@]}"; do
-      rps=$(cut -d' ' -f1 "$work/runs/$s" | median)
-      p50=$(cut -d' ' -f2 "$work/runs/$s" | median)
-      p99=$(cut -d' ' -f3 "$work/runs/$s" | median)
+      rps=$(median "$work/runs/$s" 1)
+      p50=$(median "$work/runs/$s" 2)
+      p99=$(median "$work/runs/$s" 3)
       cpu=()
       for field in 4 5 6; do
-        cpu+=("$(cut -d' ' -f"$field" "$work/runs/$s" | median | xargs printf '%.1f')")
+        cpu+=("$(median "$work/runs/$s" "$field" | xargs printf '%.1f')")
       done
       [ "$s" = redis ] && cpu[0]=-
       rm "$work/runs/$s"
@@ -330,31 +343,9 @@ redis-cli --cluster create "${nodes[@]}" --cluster-yes >"$work/cluster-create.lo
 cluster_ok() { [[ "$(redis-cli -p "${nodes[0]#*:}" cluster info 2>/dev/null)" == *cluster_state:ok* ]]; }
 wait_until "${pids[-1]}" "$work/cluster-create.log" cluster_ok
 
-p=$(free_port)
-seeds=$(printf '"%s",' "${nodes[@]}")
-cat >"$work/cluster.toml" <<TOML
-[server]
-listen = "127.0.0.1:$p"
-workers = ${BENCH_WORKERS:-0}
-[upstream]
-mode = "cluster"
-nodes = [${seeds%,}]
-[encryption]
-enabled = true
-key = "$key"
-[audit]
-enabled = false
-[[users]]
-name = "default"
-password_hash = "$hash"
-project = "bench-cluster"
-access = "readwrite"
-TOML
-RUST_LOG=warn "$bin" serve --config "$work/cluster.toml" >/dev/null 2>"$work/cluster.log" &
-pid[cluster]=$!
-pids+=("${pid[cluster]}")
-port[cluster]=$p
-wait_until "${pid[cluster]}" "$work/cluster.log" proxy_answers "$p"
+cluster_seeds=$(printf '"%s",' "${nodes[@]}")
+cluster_seeds=${cluster_seeds%,}
+start_proxy cluster
 
 # Prints "rps p50 p99" of one run: direct with --cluster, or through the proxy.
 cluster_once() { # direct|proxy, test, pipeline
@@ -364,15 +355,9 @@ cluster_once() { # direct|proxy, test, pipeline
   else
     args=(-p "${port[cluster]}" -a bench-pw)
   fi
-  out=$(redis-benchmark "${args[@]}" -t "$2" -c 50 -P "$3" -d 100 -n "$requests" \
-    -r 100000 --csv 2>"$work/benchmark.err" | tail -n 1 | tr -d '"' |
-    awk -F, '$2 + 0 > 0 { print $2, $5, $7 }') || true
-  if [ -z "$out" ]; then
-    echo "bench.sh: redis-benchmark ($1, cluster) failed:" >&2
-    cat "$work/benchmark.err" >&2
-    exit 1
-  fi
-  echo "$out"
+  redis-benchmark "${args[@]}" -t "$2" -c 50 -P "$3" -d 100 -n "$requests" \
+    -r 100000 --csv >"$work/benchmark.out" 2>"$work/benchmark.err" || true
+  benchmark_figures "cluster ($1)" || exit 1
 }
 
 # shellcheck disable=SC2059
@@ -386,9 +371,9 @@ for pipeline in 1 16; do
     done
     name="$test c=50 P=$pipeline d=100"
     for s in direct proxy; do
-      rps=$(cut -d' ' -f1 "$work/runs/cluster-$s" | median)
-      p50=$(cut -d' ' -f2 "$work/runs/cluster-$s" | median)
-      p99=$(cut -d' ' -f3 "$work/runs/cluster-$s" | median)
+      rps=$(median "$work/runs/cluster-$s" 1)
+      p50=$(median "$work/runs/cluster-$s" 2)
+      p99=$(median "$work/runs/cluster-$s" 3)
       rm "$work/runs/cluster-$s"
       [ "$s" = direct ] && base=$rps
       ratio=$(awk -v a="$rps" -v b="$base" 'BEGIN { printf "%.2f", a / b }')
