@@ -128,7 +128,7 @@ impl Lockout {
     fn shared_in(mut self, store: CounterStore) -> Lockout {
         self.shared = Some(SharedCounters {
             store,
-            client: tokio::sync::Mutex::new(None),
+            clients: tokio::sync::Mutex::new(HashMap::new()),
             degraded: AtomicBool::new(false),
         });
         self
@@ -285,6 +285,16 @@ impl CounterStore {
         }
     }
 
+    /// Whether the server at `address` may still hold counters.
+    fn holds_keys(&self, address: &str) -> bool {
+        match self {
+            CounterStore::Server(_) => true,
+            CounterStore::Cluster(cluster) => {
+                cluster.map().masters().iter().any(|m| &**m == address)
+            }
+        }
+    }
+
     /// A node's refusal may mean the slot map is stale.
     fn refused(&self) {
         if let CounterStore::Cluster(cluster) = self {
@@ -293,11 +303,12 @@ impl CounterStore {
     }
 }
 
-/// One upstream link for shared counters, used by one login at a time.
+/// Upstream links for shared counters (one per node in cluster mode), used
+/// by one login at a time.
 struct SharedCounters {
     store: CounterStore,
-    /// The open link, and the address it leads to.
-    client: tokio::sync::Mutex<Option<(String, DirectClient)>>,
+    /// The open links, by the address they lead to.
+    clients: tokio::sync::Mutex<HashMap<String, DirectClient>>,
     /// Set while the upstream is unreachable, so the fallback is logged
     /// once when it starts and once when it ends.
     degraded: AtomicBool,
@@ -308,20 +319,14 @@ impl SharedCounters {
     /// reached or answers an error, after which the link is opened afresh.
     async fn call(&self, pair: &Pair, requests: &[&[&[u8]]]) -> Option<Vec<Reply>> {
         let connector = self.store.connector_for(pair)?;
-        let mut slot = self.client.lock().await;
-        if slot
-            .as_ref()
-            .is_some_and(|(address, _)| address != connector.address())
-        {
-            *slot = None;
-        }
-        if slot.is_none() {
+        let address = connector.address();
+        let mut clients = self.clients.lock().await;
+        if !clients.contains_key(address) {
+            // Links to nodes that left the cluster go before a new one opens.
+            clients.retain(|open, _| self.store.holds_keys(open));
             match DirectClient::connect(&connector).await {
                 Ok(client) => {
-                    *slot = Some((
-                        connector.address().to_owned(),
-                        client.with_timeout(SHARED_TIMEOUT),
-                    ))
+                    clients.insert(address.to_owned(), client.with_timeout(SHARED_TIMEOUT));
                 }
                 Err(e) => {
                     self.note_failure(&e);
@@ -329,7 +334,7 @@ impl SharedCounters {
                 }
             }
         }
-        let (_, client) = slot.as_mut()?;
+        let client = clients.get_mut(address)?;
         match client.call_many(requests).await {
             Ok(replies) if !replies.iter().any(|r| r.error_text().is_some()) => {
                 if self.degraded.swap(false, Ordering::Relaxed) {
@@ -344,12 +349,12 @@ impl SharedCounters {
                     .unwrap_or_default();
                 self.store.refused();
                 self.note_failure(&text);
-                *slot = None;
+                clients.remove(address);
                 None
             }
             Err(e) => {
                 self.note_failure(&e);
-                *slot = None;
+                clients.remove(address);
                 None
             }
         }
