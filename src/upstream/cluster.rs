@@ -364,6 +364,17 @@ mod tests {
         Reply::Array(Some(vec![int(first), int(last), master, replica]))
     }
 
+    /// The map of one range of slots served by 127.0.0.1:7000.
+    fn one_range(first: i64, last: i64) -> SlotMap {
+        let reply = Reply::Array(Some(vec![range(
+            first,
+            last,
+            node("127.0.0.1", 7000),
+            node("127.0.0.1", 7001),
+        )]));
+        SlotMap::from_cluster_slots(reply, "127.0.0.1:7000").expect("a map")
+    }
+
     #[test]
     fn slots_follow_redis_cluster_and_hash_tags() {
         // Values from Redis Cluster's specification and `CLUSTER KEYSLOT`.
@@ -403,13 +414,7 @@ mod tests {
 
     #[test]
     fn gaps_stay_unassigned_and_nonsense_is_refused() {
-        let reply = Reply::Array(Some(vec![range(
-            0,
-            99,
-            node("127.0.0.1", 7000),
-            node("127.0.0.1", 7001),
-        )]));
-        let map = SlotMap::from_cluster_slots(reply, "127.0.0.1:7000").expect("a map");
+        let map = one_range(0, 99);
         assert!(map.owner(100).is_none());
         let beyond = Reply::Array(Some(vec![range(0, 16384, node("h", 1), node("h", 2))]));
         assert!(SlotMap::from_cluster_slots(beyond, "h:1").is_none());
@@ -418,13 +423,7 @@ mod tests {
 
     #[test]
     fn moved_patches_one_slot() {
-        let reply = Reply::Array(Some(vec![range(
-            0,
-            16383,
-            node("127.0.0.1", 7000),
-            node("127.0.0.1", 7001),
-        )]));
-        let map = SlotMap::from_cluster_slots(reply, "127.0.0.1:7000").expect("a map");
+        let map = one_range(0, 16383);
         let moved = map
             .with_moved(42, "127.0.0.1:7009")
             .expect("room for a master");
@@ -442,13 +441,7 @@ mod tests {
 
         // Moving every slot away from a master drops it from the map, so
         // MOVED replies cannot grow it either.
-        let reply = Reply::Array(Some(vec![range(
-            0,
-            0,
-            node("127.0.0.1", 7000),
-            node("127.0.0.1", 7001),
-        )]));
-        let map = SlotMap::from_cluster_slots(reply, "127.0.0.1:7000").expect("a map");
+        let map = one_range(0, 0);
         let moved = map
             .with_moved(0, "127.0.0.1:7009")
             .expect("room for a master");
