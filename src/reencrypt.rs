@@ -133,14 +133,16 @@ pub async fn run(
         },
         progress: Progress::new(progress),
     };
-    let mut walked = walk.scopes(&scopes).await;
-    for server in servers {
-        if walked.is_err() {
-            break;
+    // Server after server; the progress line ends however the walk does.
+    let walked = async {
+        walk.scopes(&scopes).await?;
+        for server in servers {
+            walk.client = DirectClient::connect(&server).await?;
+            walk.scopes(&scopes).await?;
         }
-        walk.client = DirectClient::connect(&server).await?;
-        walked = walk.scopes(&scopes).await;
+        anyhow::Ok(())
     }
+    .await;
     walk.progress.finish();
     walked?;
 
